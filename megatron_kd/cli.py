@@ -1,0 +1,81 @@
+"""``megatron-kd {demo,train,preprocess}``: parse, then hand over to one module per command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _train(args) -> int:
+    from megatron_kd.config import load_config
+    from megatron_kd.training.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _demo(args) -> int:
+    from megatron_kd.demo import run_demo
+
+    run_demo(args.run_dir, overwrite=args.overwrite, train_iters=args.train_iters)
+    return 0
+
+
+def _preprocess(args, rest) -> int:
+    from megatron_kd.data.preprocess import main as preprocess_main
+
+    return preprocess_main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-kd",
+        description="Logit knowledge distillation with long-context extension on megatron-core.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="tiny end-to-end run on the CPU: offline corpus -> tokenizer -> "
+                                    "indexed dataset -> phase-1 pre-training (a few minutes, 2 cores)")
+    d.add_argument("--run-dir", default="runs/demo", help="where the run goes (default: runs/demo)")
+    d.add_argument("--train-iters", type=int, default=None, help="override the demo's step count")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing demo run directory")
+
+    t = sub.add_parser("train", help="train from a YAML recipe (launch with torchrun, srun or mpirun "
+                                     "for several ranks)")
+    t.add_argument("--config", help="YAML recipe, e.g. examples/tiny_cpu.yaml")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides applied after the recipe, e.g. train.lr=3e-4")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in checkpoint.save from its latest checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace whatever checkpoint.save holds")
+
+    sub.add_parser("preprocess", add_help=False,
+                   help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_kd.config import ConfigError
+    from megatron_kd.data import DataError
+    from megatron_kd.training.checkpointing import CheckpointError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "preprocess":
+        args, rest = parser.parse_args(argv[:1]), argv[1:]
+    else:
+        args, rest = parser.parse_args(argv), []
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "demo":
+            return _demo(args)
+        return _preprocess(args, rest)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"megatron-kd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

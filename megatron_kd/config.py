@@ -1,0 +1,385 @@
+"""Run configuration: typed sections, YAML recipes, dotted CLI overrides.
+
+Keys follow Megatron-LM flag names (``--tensor-model-parallel-size`` ->
+``parallel.tensor_model_parallel_size``) so a Megatron user can read a recipe without a
+glossary. Each section validates itself in ``__post_init__``; checks that need several
+sections or the world size live in :func:`validate_layout`. Every error names the key (or the
+file) and what was expected, in one line, before any compute starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer shape (megatron-core GPTModel)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA groups; None = MHA
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size / heads
+    position_embedding_type: str = "rope"  # or learned_absolute (sees absolute position)
+    max_position_embeddings: Optional[int] = None  # learned_absolute table size; None = seq_length
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    add_bias_linear: bool = False
+    padded_vocab_size: Optional[int] = None  # set from the tokenizer at build time
+
+    def __post_init__(self):
+        _positive(self, "num_layers", "hidden_size", "num_attention_heads", "rotary_base")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ConfigError(
+                f"model.normalization: expected 'RMSNorm' or 'LayerNorm', got {self.normalization!r}"
+            )
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.num_query_groups}"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads} (set model.kv_channels)"
+            )
+        if self.position_embedding_type not in ("rope", "learned_absolute"):
+            raise ConfigError(
+                "model.position_embedding_type: expected 'rope' or 'learned_absolute', got "
+                f"{self.position_embedding_type!r}"
+            )
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ConfigError(f"model.rotary_percent: expected (0, 1], got {self.rotary_percent}")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self):
+        _positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "context_parallel_size")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            if self.virtual_pipeline_model_parallel_size < 1:
+                raise ConfigError("parallel.virtual_pipeline_model_parallel_size: expected >= 1")
+            if self.pipeline_model_parallel_size < 2:
+                raise ConfigError(
+                    "parallel.virtual_pipeline_model_parallel_size needs "
+                    "parallel.pipeline_model_parallel_size >= 2"
+                )
+        if self.context_parallel_size > 1:
+            raise ConfigError(
+                "parallel.context_parallel_size > 1 is not available yet (needs the ring "
+                "attention backend); expected 1"
+            )
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[str] = None  # prefix of <prefix>.bin/.idx written by preprocess
+    tokenizer_model: Optional[str] = None  # sentencepiece .model or HF tokenizer.json
+    seq_length: int = 256
+    reset_position_ids: bool = False  # False = global positions across packed documents
+    eod_mask_loss: bool = True  # do not train EOS -> first token of the next document
+    split: str = "98,2,0"  # train,valid,test weights, Megatron's --split
+    seed: int = 1234
+
+    def __post_init__(self):
+        _positive(self, "seq_length")
+        parts = self.split.split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            weights = []
+        if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"data.split: expected three non-negative weights 'a,b,c', got {self.split!r}")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
+    train_iters: int = 20
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 2
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None  # None = train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+    log_interval: int = 1
+    eval_interval: int = 10
+    eval_iters: int = 2  # held-out micro-batch groups per evaluation (same windows every time)
+    exit_interval: Optional[int] = None  # Megatron's --exit-interval: stop after iter % N == 0
+
+    def __post_init__(self):
+        _positive(self, "micro_batch_size", "global_batch_size", "train_iters", "lr")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(
+                f"train.lr_decay_style: expected cosine|linear|constant, got {self.lr_decay_style!r}"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} is larger than train.lr={self.lr}")
+        if self.lr_warmup_iters < 0:
+            raise ConfigError("train.lr_warmup_iters: expected >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # run directory; checkpoints go to <save>/checkpoints
+    load: Optional[str] = None  # checkpoint directory (or run dir) to initialise from
+    save_interval: Optional[int] = None  # None = only at the end
+    finetune: bool = False  # load weights only (new optimizer/scheduler/data position)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(section, *names):
+    prefix = _SECTION_NAMES.get(type(section).__name__, type(section).__name__)
+    for name in names:
+        value = getattr(section, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{prefix}.{name}: expected a positive number, got {value!r}")
+
+
+_SECTION_NAMES = {
+    "ModelConfig": "model",
+    "ParallelConfig": "parallel",
+    "DataConfig": "data",
+    "TrainConfig": "train",
+    "CheckpointConfig": "checkpoint",
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert one value against a dataclass field annotation (strings from the CLI)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else _bad(key, "an integer", value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _bad(key, what, value):
+    raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
+
+def _build_section(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(_unknown(f"{prefix}.{key}", [f"{prefix}.{n}" for n in names]))
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown config key {key!r}{hint}"
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(RunConfig):
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(typing.get_type_hints(RunConfig)[f.name])]
+    return keys
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=3e-4", "model.swiglu=false"]`` -> nested dict (values parsed as YAML scalars)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(_unknown(key, _all_keys()) if len(parts) == 1 else
+                              f"override {key!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def from_dict(raw: dict, source: str = "config") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    hints = typing.get_type_hints(RunConfig)
+    sections = {}
+    for name, values in raw.items():
+        if name not in hints:
+            raise ConfigError(_unknown(name, list(hints)) + f" in {source}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+        sections[name] = _build_section(hints[name], values, name)
+    return RunConfig(**sections)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML recipe (optional) and apply dotted overrides on top of it."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections at top level")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return from_dict(raw, source=str(path) if path else "overrides")
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the world size or several sections; arithmetic in the message."""
+    p, m, t, d = cfg.parallel, cfg.model, cfg.train, cfg.data
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel layout: world size {world_size} is not divisible by tensor_model_parallel_size"
+            f"({p.tensor_model_parallel_size}) x pipeline_model_parallel_size"
+            f"({p.pipeline_model_parallel_size}) x context_parallel_size({p.context_parallel_size})"
+            f" = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    if m.num_attention_heads % p.tensor_model_parallel_size:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups % p.tensor_model_parallel_size:
+        raise ConfigError(
+            f"model.num_query_groups={groups} is not divisible by "
+            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}"
+        )
+    stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+    if m.num_layers % stages:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by pipeline stages "
+            f"pipeline_model_parallel_size({p.pipeline_model_parallel_size}) x "
+            f"virtual_pipeline_model_parallel_size({p.virtual_pipeline_model_parallel_size or 1}) = {stages}"
+        )
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size({t.micro_batch_size}) x data-parallel size({dp}) = "
+            f"{t.micro_batch_size * dp}"
+        )
+    if p.sequence_parallel and d.seq_length % p.tensor_model_parallel_size:
+        raise ConfigError(
+            f"data.seq_length={d.seq_length} is not divisible by "
+            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} (sequence_parallel)"
+        )
+    cp_chunks = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
+    if d.seq_length % cp_chunks:
+        raise ConfigError(
+            f"data.seq_length={d.seq_length} is not divisible by 2 x context_parallel_size = {cp_chunks}"
+        )
+    if p.virtual_pipeline_model_parallel_size and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline_model_parallel_size:
+        raise ConfigError(
+            "interleaved pipeline: micro-batches per step "
+            f"({t.global_batch_size // (t.micro_batch_size * dp)}) must be a multiple of "
+            f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}"
+        )

@@ -1,0 +1,164 @@
+"""Packed windows of ``seq_length`` tokens from a ``<prefix>.bin/.idx`` IndexedDataset.
+
+megatron-core's GPTDataset builds the document / sample / shuffle indices (train/valid/test from
+``split``, deterministic from the seed, cached as .npy under ``cache_dir``). We ask it for the raw
+window only (no masks, global positions) and derive documents, positions and the loss mask with
+:mod:`megatron_kd.data.packing`, so every module agrees on where documents start.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_kd.data.errors import DataError
+from megatron_kd.data.packing import (document_ids_from_tokens, loss_mask_from_tokens,
+                                      position_ids_from_document_ids)
+from megatron_kd.data.tokenizer import Tokenizer, load_tokenizer
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+class MegatronTokenizerAdapter:
+    """What GPTDataset reads of a tokenizer: ``eod``/``eos``, ``vocab_size`` and
+    ``unique_identifiers`` (json-dumped into the index-cache hash). No ``pad`` attribute: GPTDataset
+    then pads with -1, an id that cannot collide with real tokens.
+
+    GPTDataset's cache key includes the data *path*, not its content; ``data_fingerprint`` (a hash
+    of the .idx, i.e. of the document lengths the indices depend on) makes a re-preprocessed corpus
+    at the same path miss a stale cache instead of silently reading wrong windows.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, data_fingerprint: str):
+        self.eod = self.eos = tokenizer.eos_id
+        self.vocab_size = tokenizer.vocab_size
+        self.unique_identifiers = {"class": type(tokenizer).__name__, "vocab_size": self.vocab_size,
+                                   "eod": self.eod, "data_fingerprint": data_fingerprint}
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Map-style dataset of packed windows; every value has shape ``[seq_length]``:
+    ``tokens``/``labels`` (next token) int64, ``loss_mask`` float32, ``document_ids`` and
+    ``position_ids`` int64. Index order is GPTDataset's (already shuffled)."""
+
+    def __init__(self, gpt_dataset, eos_id: int, reset_position_ids: bool, eod_mask_loss: bool):
+        self.gpt_dataset = gpt_dataset
+        self.eos_id = eos_id
+        self.reset_position_ids = reset_position_ids
+        self.eod_mask_loss = eod_mask_loss
+
+    @property
+    def indexed_dataset(self):
+        return self.gpt_dataset.dataset
+
+    def __len__(self) -> int:
+        return len(self.gpt_dataset)
+
+    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
+        sample = self.gpt_dataset[int(idx)]  # window of seq+1 tokens, split into tokens/labels
+        tokens, labels = sample["tokens"], sample["labels"]  # [s] int64
+        document_ids = document_ids_from_tokens(tokens, self.eos_id)  # [s]
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            # GPTDataset's loss_mask is 0 only on padding (none in train windows)
+            "loss_mask": loss_mask_from_tokens(tokens, self.eos_id, self.eod_mask_loss) * sample["loss_mask"],
+            "document_ids": document_ids,
+            "position_ids": position_ids_from_document_ids(document_ids, self.reset_position_ids),
+        }
+
+
+def _fingerprint(idx_path: str) -> str:
+    h = hashlib.sha1()
+    with open(idx_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
+    """preprocess writes <prefix>.summary.json; a different tokenizer would decode garbage."""
+    path = f"{prefix}.summary.json"
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        s = json.load(f)
+    if (s.get("vocab_size"), s.get("eos_id")) != (tokenizer.vocab_size, tokenizer.eos_id):
+        raise DataError(
+            f"data.tokenizer_model {tokenizer.path}: vocab_size={tokenizer.vocab_size}, eos_id={tokenizer.eos_id}, "
+            f"but {prefix} was tokenized with vocab_size={s.get('vocab_size')}, eos_id={s.get('eos_id')} ({s.get('tokenizer')})")
+
+
+def build_packed_datasets(cfg, tokenizer: Optional[Tokenizer] = None, *,
+                          cache_dir: Optional[str] = None,
+                          num_samples: Sequence[Optional[int]] = (None, None, None),
+                          ) -> List[Optional[PackedDataset]]:
+    """``[train, valid, test]`` PackedDatasets (None where the split weight is 0).
+
+    ``cfg``: a :class:`megatron_kd.config.DataConfig` (data_path, tokenizer_model, seq_length,
+    reset_position_ids, eod_mask_loss, split, seed). ``cache_dir``: where the index .npy files go
+    (pass ``<run_dir>/data_cache``); default ``<data_path>_cache`` next to the data.
+    ``num_samples[i]``: windows wanted from split i; None = one epoch. Asking for more than an
+    epoch makes GPTDataset add freshly shuffled epochs. Works with or without torch.distributed
+    (when initialised, rank 0 builds the cache first; every rank must call this).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if not cfg.data_path:
+        raise DataError("data.data_path: required (the <prefix> of <prefix>.bin/.idx written by preprocess)")
+    prefix = str(cfg.data_path)
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext):
+            prefix = prefix[: -len(ext)]
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise DataError(f"data.data_path {prefix}: {prefix + ext} not found (run megatron-kd preprocess)")
+    if tokenizer is None:
+        if not cfg.tokenizer_model:
+            raise DataError("data.tokenizer_model: required to find the EOS id of the packed documents")
+        tokenizer = load_tokenizer(cfg.tokenizer_model)
+    _check_tokenizer_matches(prefix, tokenizer)
+    if len(num_samples) != 3:
+        raise DataError(f"num_samples: expected 3 entries (train, valid, test), got {len(num_samples)}")
+
+    # Each split with weight > 0 must hold at least one window, else GPTDataset loops forever.
+    seq = int(cfg.seq_length)
+    indexed = IndexedDataset(prefix)
+    # copy: sequence_lengths is a view into an mmap that IndexedDataset.__del__ closes (segfault)
+    lengths = indexed.sequence_lengths.copy()
+    del indexed
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+    for name, b in zip(SPLIT_NAMES, bounds):
+        if b is None:
+            continue
+        beg, end = int(round(b[0] * len(lengths))), int(round(b[1] * len(lengths)))
+        tokens = int(lengths[beg:end].sum())
+        if tokens < seq + 1:
+            raise DataError(
+                f"data.split={cfg.split!r}: the {name} split of {prefix} gets {end - beg} documents, "
+                f"{tokens} tokens; data.seq_length={seq} needs at least {seq + 1} (more data or another split)")
+
+    config = GPTDatasetConfig(
+        random_seed=int(cfg.seed),
+        sequence_length=seq,
+        blend=([prefix], None),
+        split=cfg.split,
+        path_to_cache=cache_dir or f"{prefix}_cache",
+        tokenizer=MegatronTokenizerAdapter(tokenizer, "x"),
+        # masks and positions are ours (packing.py); GPTDataset only cuts windows
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    sizes = [n if b is not None else None for n, b in zip(num_samples, bounds)]
+    gpt = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return [None if d is None else PackedDataset(d, tokenizer.eos_id, bool(cfg.reset_position_ids),
+                                                 bool(cfg.eod_mask_loss)) for d in gpt]

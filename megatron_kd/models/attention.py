@@ -1,0 +1,30 @@
+"""Attention backend choice: which layer spec, and how document boundaries reach attention.
+
+Packed windows must not attend across documents. On the CPU / local spec the mask is dense:
+``[b, 1, s, s]`` booleans (True = masked, megatron's convention) built once per micro-batch from
+document ids and shared by every layer. The TE spec takes the same dense mask through its
+'arbitrary' mask type; TE's THD (cu_seqlens) path is the fast GPU route.
+"""
+from __future__ import annotations
+
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_kd import platform
+
+
+def layer_spec(model_cfg):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if platform.layer_spec_kind() == "te":
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        # A causal TE kernel would ignore our document mask; 'arbitrary' honours it.
+        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+        return spec
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+
+
+def attention_mask(document_ids):
+    """Mask for one micro-batch ([b, s] document ids -> [b, 1, s, s], True = masked)."""
+    from megatron_kd.data.packing import document_attention_mask
+
+    return document_attention_mask(document_ids)

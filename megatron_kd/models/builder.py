@@ -1,0 +1,111 @@
+"""Build the student (or any teacher of the same family) from a ModelConfig."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_kd import platform
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Megatron's padding: round V up to a multiple of make_vocab_size_divisible_by x TP."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        ffn_hidden_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
+        kv_channels=model_cfg.kv_channels,
+        normalization=model_cfg.normalization,
+        layernorm_epsilon=model_cfg.norm_epsilon,
+        gated_linear_unit=model_cfg.swiglu,
+        activation_func=F.silu if model_cfg.swiglu else F.gelu,
+        add_bias_linear=model_cfg.add_bias_linear,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        init_method_std=model_cfg.init_method_std,
+        tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel_cfg.context_parallel_size,
+        sequence_parallel=parallel_cfg.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        # Same full weights at every TP size (initialised whole, then sliced) on the CPU; on
+        # GPU megatron initialises each shard in place.
+        use_cpu_initialization=not platform.cuda_available(),
+        # Fused kernels are CUDA-only; their unfused twins compute the same thing.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16: bool = False,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                vp_stage: Optional[int] = None):
+    """One pipeline chunk of the model for this rank (megatron's model_provider)."""
+    from megatron.core import parallel_state
+
+    from megatron_kd.models.attention import layer_spec
+    from megatron_kd.models.gpt_model import PositionIdGPTModel
+
+    config = transformer_config(model_cfg, parallel_cfg, bf16)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
+                               parallel_cfg.tensor_model_parallel_size)
+    model = PositionIdGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model_cfg),
+        vocab_size=padded,
+        max_sequence_length=model_cfg.max_position_embeddings or seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+        position_embedding_type=model_cfg.position_embedding_type,
+        rotary_percent=model_cfg.rotary_percent,
+        rotary_base=int(model_cfg.rotary_base),
+        vp_stage=vp_stage,
+    )
+    return model.to(platform.device())
+
+
+def count_parameters(model_cfg, vocab_size: int) -> int:
+    """Closed-form parameter count of the (unsharded) model, for recipes and the planner."""
+    h = model_cfg.hidden_size
+    heads = model_cfg.num_attention_heads
+    kv = model_cfg.kv_channels or h // heads
+    groups = model_cfg.num_query_groups or heads
+    ffn = model_cfg.ffn_hidden_size or 4 * h
+    bias = model_cfg.add_bias_linear
+    qkv = h * kv * (heads + 2 * groups) + (kv * (heads + 2 * groups) if bias else 0)
+    proj = heads * kv * h + (h if bias else 0)
+    fc1 = h * ffn * (2 if model_cfg.swiglu else 1) + ((2 if model_cfg.swiglu else 1) * ffn if bias else 0)
+    fc2 = ffn * h + (h if bias else 0)
+    norm = h if model_cfg.normalization == "RMSNorm" else 2 * h
+    per_layer = qkv + proj + fc1 + fc2 + 2 * norm
+    emb = vocab_size * h
+    out = 0 if not model_cfg.untie_embeddings_and_output_weights else vocab_size * h
+    pos = 0
+    if model_cfg.position_embedding_type == "learned_absolute":
+        pos = (model_cfg.max_position_embeddings or 0) * h
+    return model_cfg.num_layers * per_layer + emb + out + norm + pos

@@ -1,0 +1,297 @@
+"""The one place that knows whether we run on CUDA or on the CPU.
+
+megatron-core 0.16.x assumes CUDA throughout: it allocates with ``device=torch.cuda.current_device()``,
+calls ``Tensor.cuda()``, creates streams/events, and keeps model-parallel RNG states in the CUDA
+generator. None of that is essential to the math, so when CUDA is absent :func:`setup` maps those
+requests onto the CPU (and gloo), which lets the same megatron-core code run TP/PP/DP on a laptop
+or a 2-core CI box. When CUDA exists, nothing is patched. Everything else in the package asks this
+module (``device()``, ``backend()``, ``layer_spec_kind()``) instead of touching ``torch.cuda``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import functools
+import importlib.util
+import os
+
+import torch
+
+_CPU_MAPPING_ACTIVE = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and os.environ.get("MEGATRON_KD_FORCE_CPU", "0") != "1"
+
+
+def backend() -> str:
+    """torch.distributed backend: NCCL with CUDA, gloo on the CPU."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def device() -> torch.device:
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_device(local_rank: int) -> None:
+    if cuda_available():
+        torch.cuda.set_device(local_rank)
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def layer_spec_kind() -> str:
+    """'te' when running on CUDA with transformer-engine importable, else megatron-core's 'local'."""
+    if cuda_available() and transformer_engine_available():
+        return "te"
+    return "local"
+
+
+def require_transformer_engine(what: str):
+    """Lazy import with a clear message (TE is an optional GPU extra)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            f"{what} needs transformer-engine, which is not installed; "
+            "install the GPU extra: pip install 'megatron_kd[gpu]'"
+        ) from None
+    return transformer_engine
+
+
+def synchronize() -> None:
+    """Device barrier for honest timings (a CPU-GPU sync point on CUDA)."""
+    if cuda_available():
+        torch.cuda.synchronize()
+
+
+def rng_states() -> dict:
+    """All RNG states this process needs to resume bit-for-bit."""
+    import random
+
+    import numpy as np
+
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if cuda_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if cuda_available() and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def cpu_mapping_active() -> bool:
+    return _CPU_MAPPING_ACTIVE
+
+
+def setup() -> None:
+    """Call once per process before building megatron-core objects. Idempotent.
+
+    With CUDA: nothing is changed. Without: 'cuda' device requests land on the CPU.
+    """
+    global _CPU_MAPPING_ACTIVE
+    if cuda_available() or _CPU_MAPPING_ACTIVE:
+        return
+    _install_cpu_mapping()
+    _CPU_MAPPING_ACTIVE = True
+
+
+# ----------------------------------------------------------------------------- CPU mapping
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # megatron passes torch.cuda.current_device(), which we make return 0 on CPU (an int
+    # ordinal means "cuda:N" to torch).
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+def _map_device(dev):
+    return torch.device("cpu") if _is_cuda_device(dev) else dev
+
+
+def _wrap_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream/Event: CPU ops are already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "arange", "tensor", "rand", "randn", "randint", "randperm",
+    "empty_strided", "as_tensor", "linspace", "eye", "zeros_like", "ones_like", "empty_like",
+    "full_like", "rand_like", "randn_like",
+)
+
+
+def _install_cpu_mapping() -> None:
+    cuda = torch.cuda
+    for name in _FACTORIES:
+        setattr(torch, name, _wrap_factory(getattr(torch, name)))
+
+    def _tensor_cuda(self, device=None, non_blocking=False, **kwargs):
+        return self
+
+    torch.Tensor.cuda = _tensor_cuda
+    _orig_to = torch.Tensor.to
+
+    @functools.wraps(_orig_to)
+    def _tensor_to(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]) and not isinstance(args[0], int):
+            args = (torch.device("cpu"),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        return _orig_to(self, *args, **kwargs)
+
+    torch.Tensor.to = _tensor_to
+    _orig_module_cuda = torch.nn.Module.cuda
+    torch.nn.Module.cuda = lambda self, device=None: self  # noqa: E731
+    del _orig_module_cuda
+
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 0
+    cuda.set_device = lambda *a, **k: None
+    cuda.synchronize = lambda *a, **k: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    # Model-parallel RNG tracker: megatron swaps "CUDA" generator states around TP regions
+    # (dropout, init). On the CPU those ops draw from the CPU generator, so the tracker must
+    # swap that one for its semantics (distinct TP-rank streams, restored afterwards) to hold.
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it; CPU already seeded
+    _patch_megatron_rng()
+    _patch_megatron_misc()
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    def _get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def _set_cuda_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mpu_random._get_cuda_rng_state = _get_cuda_rng_state
+    mpu_random._set_cuda_rng_state = _set_cuda_rng_state
+    # fork() warns when the CPU state moves inside a "GPU" region; here that is the point.
+    logging.getLogger(mpu_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage())
+
+
+def _patch_megatron_misc() -> None:
+    """Grad clipping asserts CUDA grad types; give it a CPU path with the same math."""
+    from megatron.core.optimizer import clip_grads
+
+    clip_grads_module = clip_grads
+    _orig = clip_grads_module.get_grad_norm_fp32
+
+    @functools.wraps(_orig)
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        if isinstance(grads_for_norm, torch.Tensor):
+            grads_for_norm = [grads_for_norm]
+        norm_type = float(norm_type)
+        if norm_type == float("inf"):
+            total = max((g.abs().max().item() for g in grads_for_norm), default=0.0)
+            t = torch.tensor([float(total)], dtype=torch.float)
+            if grad_stats_parallel_group is not None:
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                             group=grad_stats_parallel_group)
+            return t[0].item()
+        total = torch.zeros(1, dtype=torch.float)
+        for g in grads_for_norm:
+            total += torch.norm(g.float(), norm_type) ** norm_type
+        if grad_stats_parallel_group is not None:
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM,
+                                         group=grad_stats_parallel_group)
+        return total.item() ** (1.0 / norm_type)
+
+    _orig_clip = clip_grads_module.clip_grad_by_total_norm_fp32
+
+    @functools.wraps(_orig_clip)
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for p in parameters:
+                g = getattr(p, attr)
+                if g is not None:
+                    g.mul_(clip_coeff)
+
+    clip_grads_module.get_grad_norm_fp32 = get_grad_norm_fp32
+    clip_grads_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    # optimizer.py imported the names directly.
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    for name, fn in (("get_grad_norm_fp32", get_grad_norm_fp32),
+                     ("clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)):
+        if hasattr(optimizer_module, name):
+            setattr(optimizer_module, name, fn)

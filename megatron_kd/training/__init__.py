@@ -1,0 +1,1 @@
+"""Training: loop, objectives, optimizer/scheduler, checkpoints, run directory, logging."""

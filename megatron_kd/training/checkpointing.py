@@ -1,0 +1,162 @@
+"""Sharded checkpoints with megatron-core ``dist_checkpointing``.
+
+Layout (Megatron-LM's names)::
+
+    <run>/checkpoints/iter_0000100/          one complete checkpoint
+    <run>/checkpoints/latest_checkpointed_iteration.txt
+
+A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, and the
+``latest`` pointer is replaced atomically last, so a job killed mid-save leaves the previous
+checkpoint as the latest one and never a half-written directory under a final name.
+
+Model tensors are saved as ShardedTensors, so a checkpoint reloads under another TP/PP layout.
+RNG states are per rank and only restored when the layout is unchanged (bit-for-bit resume).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_kd import platform
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_latest(root) -> Optional[int]:
+    """Iteration of the newest complete checkpoint under root, or None."""
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, got {text!r}")
+    iteration = int(text)
+    if not iteration_dir(root, iteration).is_dir():
+        raise CheckpointError(f"{path} names iteration {iteration} but {iteration_dir(root, iteration)} is missing")
+    return iteration
+
+
+def resolve_load_dir(path) -> Path:
+    """Accept a run dir, its checkpoints/ dir, or one iter_* dir; return an iter_* dir."""
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            return iteration_dir(root, read_latest(root))
+    if (p / "metadata.json").is_file():
+        return p
+    raise CheckpointError(
+        f"checkpoint.load={path}: no {LATEST} and not a checkpoint directory (expected a run dir, "
+        "its checkpoints/ folder, or an iter_* folder)"
+    )
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def _optimizer_metadata(optimizer) -> dict:
+    # Model-space sharding reloads under another DP/TP/PP layout.
+    return {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def _rng_sharded(data=None):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": torch.distributed.get_world_size(),
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def save_checkpoint(root, iteration: int, model_chunks, optimizer, scheduler,
+                    consumed_samples: int, extra: Optional[dict] = None) -> Path:
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a job killed mid-save
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    torch.distributed.barrier()
+
+    state = _model_sharded_state_dict(model_chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer))
+    state["rng_state"] = _rng_sharded(platform.rng_states())
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    state["scheduler"] = scheduler.state_dict()
+    state["layout"] = _layout()
+    state["extra"] = extra or {}
+    dist_checkpointing.save(state, str(tmp))
+    torch.distributed.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(f"{iteration}\n")
+        os.replace(pointer, root / LATEST)
+    torch.distributed.barrier()
+    return final
+
+
+def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng: bool = True) -> dict:
+    """Load into the given model chunks (and optimizer/scheduler/RNG when given).
+
+    Returns the checkpoint's common state: iteration, consumed_samples, layout, extra.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve_load_dir(path)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    state = _model_sharded_state_dict(model_chunks)
+    model_keys = list(state)
+    same_layout = common.get("layout") == _layout()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=_optimizer_metadata(optimizer))
+    restore_rng = load_rng and same_layout
+    if restore_rng:
+        state["rng_state"] = _rng_sharded()
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    for key, chunk in zip(model_keys, model_chunks):
+        _unwrap(chunk).load_state_dict(loaded[key])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    if restore_rng:
+        platform.set_rng_states(loaded["rng_state"])
+    return {k: common.get(k) for k in ("iteration", "consumed_samples", "layout", "extra")} | {
+        "path": str(ckpt), "rng_restored": restore_rng}

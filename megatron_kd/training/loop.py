@@ -1,0 +1,249 @@
+"""The training loop: megatron-core's forward/backward schedule, DDP, optimizer, checkpoints.
+
+``train(cfg)`` is the whole run: set up (all input checked before compute), optionally resume,
+step, evaluate, checkpoint, log. The objective (what a micro-batch computes) is pluggable; the
+schedule, reductions, checkpoints and logging are shared by every objective.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from megatron_kd import distributed, platform
+from megatron_kd.config import ConfigError, RunConfig, validate_layout
+from megatron_kd.training import checkpointing
+from megatron_kd.training.metrics import MetricsLogger
+from megatron_kd.training.objective import CrossEntropyObjective
+from megatron_kd.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from megatron_kd.training.run_dir import create_run_dir, prepare_run_dir
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    history: list = field(default_factory=list)  # (iteration, train loss) on the logging rank
+
+
+def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
+    """All pipeline chunks this rank holds (several with virtual pipeline stages)."""
+    from megatron_kd.models import build_model
+
+    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for stage in range(vp or 1):
+        chunks.append(build_model(cfg.model, cfg.parallel, vocab_size, cfg.data.seq_length,
+                                  bf16=cfg.train.bf16, vp_stage=stage if vp else None))
+    return chunks
+
+
+def _num_microbatches(cfg: RunConfig) -> int:
+    from megatron.core import parallel_state as ps
+
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * ps.get_data_parallel_world_size())
+
+
+def _is_logging_rank() -> bool:
+    # Megatron's print_rank_last: the last rank holds the last pipeline stage.
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def reduce_losses(losses: list, name: str) -> Optional[float]:
+    """Per-micro-batch [sum, count] reports -> global mean over loss tokens (last stage only)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in losses:
+        total += report[name].to(torch.float64).cpu()
+    total = total.to(platform.device())
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, objective_factory: Optional[Callable] = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.objective_factory = objective_factory or (lambda cfg, device: CrossEntropyObjective(device))
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, resume: bool, overwrite: bool):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+
+        from megatron_kd.data import build_packed_datasets, load_tokenizer
+
+        cfg = self.cfg
+        validate_layout(cfg, torch.distributed.get_world_size())
+        if not cfg.data.tokenizer_model:
+            raise ConfigError("data.tokenizer_model: required (a sentencepiece .model or HF tokenizer.json)")
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        prepare_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite)
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            create_run_dir(self.run_dir, cfg, overwrite=overwrite and not resume)
+        torch.distributed.barrier()
+
+        distributed.init_model_parallel(cfg.parallel, cfg.train.seed)
+        self.device = platform.device()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.num_microbatches = _num_microbatches(cfg)
+
+        chunks = build_model_chunks(cfg, self.tokenizer.vocab_size)
+        self.model = wrap_ddp(chunks, cfg.parallel)
+        config = chunks[0].config
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+        self.optimizer = build_optimizer(self.model, cfg.train, cfg.parallel)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.objective = self.objective_factory(cfg, self.device)
+
+        self.state = TrainState()
+        ckpt_root = self.run_dir / "checkpoints"
+        latest = checkpointing.read_latest(ckpt_root)
+        if resume and latest is not None:
+            info = checkpointing.load_checkpoint(ckpt_root, self.model, self.optimizer, self.scheduler)
+            self.state.iteration = info["iteration"]
+            self.state.consumed_samples = info["consumed_samples"]
+            self._print(f"resumed from {info['path']} at iteration {self.state.iteration}"
+                        f"{'' if info['rng_restored'] else ' (new layout: RNG not restored)'}")
+        elif cfg.checkpoint.load:
+            finetune = cfg.checkpoint.finetune
+            info = checkpointing.load_checkpoint(
+                cfg.checkpoint.load, self.model,
+                None if finetune else self.optimizer, None if finetune else self.scheduler,
+                load_rng=not finetune)
+            if not finetune:
+                self.state.iteration = info["iteration"]
+                self.state.consumed_samples = info["consumed_samples"]
+            self._print(f"loaded {'weights' if finetune else 'checkpoint'} from {info['path']}")
+
+        total = cfg.train.train_iters * cfg.train.global_batch_size
+        eval_windows = cfg.train.eval_iters * cfg.train.global_batch_size
+        self.train_ds, self.valid_ds, _ = build_packed_datasets(
+            cfg.data, self.tokenizer, cache_dir=str(self.run_dir / "data_cache"),
+            num_samples=(total, eval_windows if cfg.train.eval_iters else None, None))
+        self.metrics = MetricsLogger(self.run_dir, enabled=_is_logging_rank())
+        return self
+
+    def _print(self, msg: str):
+        if torch.distributed.get_rank() == 0:
+            print(msg, flush=True)
+
+    def _iterators(self, dataset, consumed: int):
+        from megatron_kd.data import build_data_iterator
+
+        n = len(self.model)
+        # Every pipeline stage and virtual chunk reads the same windows in the same order: the
+        # middle stages need positions and document ids for RoPE and the attention mask.
+        its = [build_data_iterator(dataset, consumed, self.cfg.train.micro_batch_size,
+                                   self.dp_rank, self.dp_size) for _ in range(n)]
+        return its if n > 1 else its[0]
+
+    def _forward_backward(self, data_iterator, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=self.objective.forward_step,
+            data_iterator=data_iterator,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    # ----------------------------------------------------------------- steps
+    def train_step(self, data_iterator):
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._forward_backward(data_iterator, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=self.cfg.train.global_batch_size)
+        return reduce_losses(losses, self.objective.name), grad_norm, update_ok
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Held-out loss over the same first eval_iters global batches of the valid split."""
+        if self.valid_ds is None or not self.cfg.train.eval_iters:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        it = self._iterators(self.valid_ds, 0)
+        losses = []
+        for _ in range(self.cfg.train.eval_iters):
+            losses += self._forward_backward(it, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        return reduce_losses(losses, self.objective.name)
+
+    def save(self):
+        checkpointing.save_checkpoint(self.run_dir / "checkpoints", self.state.iteration, self.model,
+                                      self.optimizer, self.scheduler, self.state.consumed_samples)
+        self._print(f"saved checkpoint at iteration {self.state.iteration}")
+
+    def train(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        it = self._iterators(self.train_ds, st.consumed_samples)
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+        save_interval = cfg.checkpoint.save_interval
+        last_saved = st.iteration if st.iteration else None
+        while st.iteration < cfg.train.train_iters:
+            t0 = time.perf_counter()
+            loss, grad_norm, update_ok = self.train_step(it)
+            platform.synchronize()
+            dt = time.perf_counter() - t0
+            st.iteration += 1
+            st.consumed_samples += cfg.train.global_batch_size
+            if loss is not None:
+                st.history.append((st.iteration, loss))
+            if st.iteration % cfg.train.log_interval == 0 and loss is not None:
+                self.metrics.log(st.iteration, {
+                    self.objective.name: loss,
+                    "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                    "tokens_per_s": tokens_per_step / dt,
+                    "skipped": int(not update_ok),
+                })
+            if cfg.train.eval_interval and st.iteration % cfg.train.eval_interval == 0:
+                val = self.evaluate()
+                if val is not None:
+                    self.metrics.log(st.iteration, {self.objective.name: val, "ppl": math.exp(min(val, 50))},
+                                     prefix="valid")
+            if save_interval and st.iteration % save_interval == 0:
+                self.save()
+                last_saved = st.iteration
+            if cfg.train.exit_interval and st.iteration % cfg.train.exit_interval == 0:
+                break
+        if last_saved != st.iteration:
+            self.save()
+        self.metrics.close()
+        return st
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+          objective_factory: Optional[Callable] = None) -> TrainState:
+    """Entry point for every launcher (call under a ``__main__`` guard: the checkpoint writer
+    may start a spawn-based process manager)."""
+    if not cfg.checkpoint.save:
+        raise ConfigError("checkpoint.save: required (the run directory)")
+    distributed.init_distributed()
+    try:
+        trainer = Trainer(cfg, Path(cfg.checkpoint.save), objective_factory).setup(resume, overwrite)
+        return trainer.train()
+    finally:
+        distributed.destroy()

@@ -1,0 +1,28 @@
+"""megatron_kd: logit knowledge distillation with long-context extension on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_kd",
+    version="0.1.0",
+    description="Megatron-style logit knowledge distillation with long-context extension",
+    packages=find_packages(include=["megatron_kd", "megatron_kd.*"]),
+    package_data={"megatron_kd": ["recipes/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.17",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.19",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+        "tqdm",
+        "psutil",  # dist_checkpointing's async writer needs it
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "test": ["pytest>=8", "pytest-timeout", "mpi4py>=3.1"],
+    },
+    entry_points={"console_scripts": ["megatron-kd=megatron_kd.cli:main"]},
+)
