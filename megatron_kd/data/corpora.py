@@ -37,17 +37,23 @@ def _hotpotqa(data) -> Iterator[str]:
             yield "".join(sentences).strip()
 
 
-def _paul_graham(data, max_chars: int = 4000) -> Iterator[str]:
-    # {"text": "<all essays>"}: paragraphs are blank-line separated; long runs cut at line ends
+def _paul_graham(data, min_chars: int = 1000, max_chars: int = 4000) -> Iterator[str]:
+    # {"text": "<all essays>"}: blank-line-separated paragraphs, many tiny ("October 2010"), some
+    # huge; merge consecutive paragraphs up to >= min_chars, cut runs at line ends at max_chars
+    chunk = ""
     for para in re.split(r"\n\s*\n", data["text"]):
-        chunk = ""
-        for line in para.splitlines(keepends=True):
+        for line in para.strip().splitlines(keepends=True):
             chunk += line
             if len(chunk) >= max_chars:
                 yield chunk.strip()
                 chunk = ""
-        if chunk.strip():
+        if len(chunk) >= min_chars:
             yield chunk.strip()
+            chunk = ""
+        elif chunk:
+            chunk += "\n\n"
+    if chunk.strip():
+        yield chunk.strip()
 
 
 def iter_offline_corpus(name: str, max_docs: Optional[int] = None) -> Iterator[str]:

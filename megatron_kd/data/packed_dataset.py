@@ -151,7 +151,7 @@ def build_packed_datasets(cfg, tokenizer: Optional[Tokenizer] = None, *,
         blend=([prefix], None),
         split=cfg.split,
         path_to_cache=cache_dir or f"{prefix}_cache",
-        tokenizer=MegatronTokenizerAdapter(tokenizer, "x"),
+        tokenizer=MegatronTokenizerAdapter(tokenizer, _fingerprint(prefix + ".idx")),
         # masks and positions are ours (packing.py); GPTDataset only cuts windows
         reset_position_ids=False,
         reset_attention_mask=False,

