@@ -251,10 +251,37 @@ def _build_section(cls, values: dict, prefix: str):
     return cls(**kwargs)
 
 
+# Names users bring from HF/other trainers; a typo of one still points at our key.
+_ALIASES = {
+    "learning_rate": "train.lr",
+    "batch_size": "train.micro_batch_size",
+    "max_seq_length": "data.seq_length",
+    "rope_theta": "model.rotary_base",
+}
+
+
 def _unknown(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = _suggest(key, known)
+    hint = f" (did you mean {hint!r}?)" if hint else ""
     return f"unknown config key {key!r}{hint}"
+
+
+def _suggest(key: str, known: list[str]) -> Optional[str]:
+    """Closest key. For ``section.name`` compare the names alone, across every section (a key
+    put in the wrong section, ``train.seq_length``, points at ``data.seq_length``), preferring
+    ``known`` (the key's own section) on equal names; the shared ``section.`` prefix would
+    otherwise make any key of the section look close (``train.lerning_rate`` -> ``train.min_lr``)."""
+    if "." not in key:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        return close[0] if close else None
+    name = key.split(".", 1)[1]
+    candidates = {}
+    for full in _all_keys():
+        candidates.setdefault(full.split(".", 1)[1], full)
+    candidates.update(_ALIASES)
+    candidates.update({k.split(".", 1)[1]: k for k in known if "." in k})
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return candidates[close[0]] if close else None
 
 
 def _all_keys() -> list[str]:

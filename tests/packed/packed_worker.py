@@ -13,16 +13,28 @@ import torch
 
 def main():
     from megatron_kd import distributed
-    from megatron_kd.config import ModelConfig, ParallelConfig
-    from megatron_kd.data.packing import (document_attention_mask, document_ids_from_tokens,
-                                          position_ids_from_document_ids)
-    from megatron_kd.models import build_model
+    from megatron_kd.config import ParallelConfig
 
-    pos_type, reset = sys.argv[1], sys.argv[2] == "reset"
     distributed.init_distributed()
     tp = torch.distributed.get_world_size()
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
     distributed.init_model_parallel(parallel, seed=7)
+    results = {}
+    for pos_type in ("rope", "learned_absolute"):
+        for mode in ("global", "reset"):
+            results[f"{pos_type}/{mode}"] = check(parallel, pos_type, mode == "reset")
+    if torch.distributed.get_rank() == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+    distributed.destroy()
+
+
+def check(parallel, pos_type, reset):
+    from megatron_kd.config import ModelConfig
+    from megatron_kd.data.packing import (document_attention_mask, document_ids_from_tokens,
+                                          position_ids_from_document_ids)
+    from megatron_kd.models import build_model
+
+    tp = parallel.tensor_model_parallel_size
     seq, vocab, eos = 96, 250, 1
     model_cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             ffn_hidden_size=128, make_vocab_size_divisible_by=64,
@@ -71,9 +83,7 @@ def main():
     t = torch.tensor([report["max_diff"]], dtype=torch.float64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     report["max_diff"] = t.item()
-    if torch.distributed.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    distributed.destroy()
+    return report
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ reset_position_ids), at TP=1 and TP=2. The RoPE-only model is offset-invariant u
 (RoPE is relative), so a learned-absolute-position variant is also run: it sees absolute
 position, and the test checks that the wrong offset would have failed.
 """
+import functools
 import json
 import os
 import socket
@@ -25,10 +26,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_worker(tp: int, pos_type: str, mode: str) -> dict:
+@functools.lru_cache(maxsize=None)
+def run_worker(tp: int) -> dict:
+    """One launch per TP size checks all four (position type, mode) combinations."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}",
-           f"--master-port={_free_port()}", str(WORKER), pos_type, mode]
+           f"--master-port={_free_port()}", str(WORKER)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -39,7 +42,7 @@ def run_worker(tp: int, pos_type: str, mode: str) -> dict:
 @pytest.mark.parametrize("pos_type", ["rope", "learned_absolute"])
 @pytest.mark.parametrize("mode", ["global", "reset"])
 def test_packed_documents_equal_separate_passes(tp, pos_type, mode):
-    r = run_worker(tp, pos_type, mode)
+    r = run_worker(tp)[f"{pos_type}/{mode}"]
     assert r["tp"] == tp
     assert r["max_diff"] < TOL, r
     assert r["positions_ok"], r["received_positions"]
