@@ -92,23 +92,11 @@ def _check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
             f"but {prefix} was tokenized with vocab_size={s.get('vocab_size')}, eos_id={s.get('eos_id')} ({s.get('tokenizer')})")
 
 
-def build_packed_datasets(cfg, tokenizer: Optional[Tokenizer] = None, *,
-                          cache_dir: Optional[str] = None,
-                          num_samples: Sequence[Optional[int]] = (None, None, None),
-                          ) -> List[Optional[PackedDataset]]:
-    """``[train, valid, test]`` PackedDatasets (None where the split weight is 0).
-
-    ``cfg``: a :class:`megatron_kd.config.DataConfig` (data_path, tokenizer_model, seq_length,
-    reset_position_ids, eod_mask_loss, split, seed). ``cache_dir``: where the index .npy files go
-    (pass ``<run_dir>/data_cache``); default ``<data_path>_cache`` next to the data.
-    ``num_samples[i]``: windows wanted from split i; None = one epoch. Asking for more than an
-    epoch makes GPTDataset add freshly shuffled epochs. Works with or without torch.distributed
-    (when initialised, rank 0 builds the cache first; every rank must call this).
-    """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+def check_data(cfg, tokenizer: Optional[Tokenizer] = None):
+    """Validate data.data_path / data.tokenizer_model / data.split before any run state is
+    written; returns ``(prefix, tokenizer, split bounds)``. Raises DataError (one line)."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if not cfg.data_path:
@@ -125,15 +113,17 @@ def build_packed_datasets(cfg, tokenizer: Optional[Tokenizer] = None, *,
             raise DataError("data.tokenizer_model: required to find the EOS id of the packed documents")
         tokenizer = load_tokenizer(cfg.tokenizer_model)
     _check_tokenizer_matches(prefix, tokenizer)
-    if len(num_samples) != 3:
-        raise DataError(f"num_samples: expected 3 entries (train, valid, test), got {len(num_samples)}")
 
     # Each split with weight > 0 must hold at least one window, else GPTDataset loops forever.
     seq = int(cfg.seq_length)
-    indexed = IndexedDataset(prefix)
-    # copy: sequence_lengths is a view into an mmap that IndexedDataset.__del__ closes (segfault)
-    lengths = indexed.sequence_lengths.copy()
-    del indexed
+    try:
+        indexed = IndexedDataset(prefix)
+        # copy: sequence_lengths is a view into an mmap that IndexedDataset.__del__ closes (segfault)
+        lengths = indexed.sequence_lengths.copy()
+        del indexed
+    except Exception as e:  # megatron asserts on a bad header, numpy raises on short files
+        raise DataError(f"data.data_path {prefix}: {prefix}.idx/.bin is not a valid megatron indexed "
+                        f"dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
     bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
     for name, b in zip(SPLIT_NAMES, bounds):
         if b is None:
@@ -144,6 +134,29 @@ def build_packed_datasets(cfg, tokenizer: Optional[Tokenizer] = None, *,
             raise DataError(
                 f"data.split={cfg.split!r}: the {name} split of {prefix} gets {end - beg} documents, "
                 f"{tokens} tokens; data.seq_length={seq} needs at least {seq + 1} (more data or another split)")
+    return prefix, tokenizer, bounds
+
+
+def build_packed_datasets(cfg, tokenizer: Optional[Tokenizer] = None, *,
+                          cache_dir: Optional[str] = None,
+                          num_samples: Sequence[Optional[int]] = (None, None, None),
+                          ) -> List[Optional[PackedDataset]]:
+    """``[train, valid, test]`` PackedDatasets (None where the split weight is 0).
+
+    ``cfg``: a :class:`megatron_kd.config.DataConfig` (data_path, tokenizer_model, seq_length,
+    reset_position_ids, eod_mask_loss, split, seed). ``cache_dir``: where the index .npy files go
+    (pass ``<run_dir>/data_cache``); default ``<data_path>_cache`` next to the data.
+    ``num_samples[i]``: windows wanted from split i; None = one epoch. Asking for more than an
+    epoch makes GPTDataset add freshly shuffled epochs. Works with or without torch.distributed
+    (when initialised, rank 0 builds the cache first; every rank must call this).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if len(num_samples) != 3:
+        raise DataError(f"num_samples: expected 3 entries (train, valid, test), got {len(num_samples)}")
+    prefix, tokenizer, bounds = check_data(cfg, tokenizer)
+    seq = int(cfg.seq_length)
 
     config = GPTDatasetConfig(
         random_seed=int(cfg.seed),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -79,13 +78,17 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
 
-        from megatron_kd.data import build_packed_datasets, load_tokenizer
+        from megatron_kd.data import build_packed_datasets, check_data, load_tokenizer
 
         cfg = self.cfg
+        # Every input is checked before anything is written or computed.
         validate_layout(cfg, torch.distributed.get_world_size())
         if not cfg.data.tokenizer_model:
             raise ConfigError("data.tokenizer_model: required (a sentencepiece .model or HF tokenizer.json)")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        check_data(cfg.data, self.tokenizer)
+        if cfg.checkpoint.load:
+            checkpointing.resolve_load_dir(cfg.checkpoint.load)
         prepare_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite)
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
