@@ -1,0 +1,306 @@
+"""Vocab-parallel logit distillation loss: the exact (unfused) reference implementation.
+
+Every TP rank holds a vocab shard of the student and teacher logits, ``[..., V_pad/TP]``; shard r
+covers global ids ``[r * V_pad/TP, (r+1) * V_pad/TP)``. Ids ``>= vocab_size`` (the tokenizer's
+true V) are megatron's padding: they are excluded (-inf) from both softmaxes, whatever garbage
+the output layer wrote there. The full logits are never gathered: per token, only a max, a
+sum-exp and a partial divergence cross ranks (and, for ``top_k``, k values per rank).
+
+Definitions, per token, with ``p = softmax(z / T)`` over the unpadded vocab:
+
+* ``p_S``: the student distribution.
+* ``q``: the teacher target. Without ``top_k``, ``q = p_T``. With ``top_k = k``, the support ``K``
+  is the teacher's global top-k: every unpadded id whose teacher logit is ``>=`` the k-th largest
+  teacher logit (ties at the threshold are all kept, so ``|K| >= k``, and ``|K| == k`` unless
+  logits tie exactly -- this makes the support independent of the TP layout, unlike
+  ``torch.topk``'s arbitrary tie-breaking); ``q = softmax(z_T / T)`` renormalised over ``K``
+  (0 outside). ``p_S`` stays normalised over the full unpadded vocab. The divergence below is
+  summed over ``K`` only (without ``top_k``, ``K`` = the unpadded vocab); the teacher logits
+  outside ``K`` get no gradient (the selection is piecewise constant).
+* ``forward_kl``: ``KL(q || p_S) = sum_K q (log q - log p_S)``   (Hinton KD; the default).
+* ``reverse_kl``: ``sum_K p_S (log p_S - log q)``                 (``= KL(p_S || p_T)`` without top-k).
+* ``jsd`` (generalised/skew Jensen-Shannon, weight ``beta``)::
+
+      m      = beta * q + (1 - beta) * p_S
+      JSD_b  = (1 - beta) * sum_K q (log q - log m)  +  beta * sum_K p_S (log p_S - log m)
+
+  so ``beta = 0`` is exactly ``forward_kl`` (m = p_S) and ``beta = 1`` exactly ``reverse_kl``
+  (m = q), continuously in ``beta``; ``beta = 0.5`` is the usual JSD. TRL's GKD and Liger's JSD use
+  the same mixture ``m`` but the weights swapped (``beta * KL(q||m) + (1-beta) * KL(p_S||m)``),
+  which tends to 0 at both ends, so they special-case ``beta in {0, 1}`` to forward/reverse KL.
+  The two conventions agree at ``beta in {0, 0.5, 1}`` and differ in between.
+
+The per-token loss is ``T**2 * D`` (``scale_by_t_squared``, Hinton's gradient-scale correction)
+or ``D``, in fp32, replicated on every TP rank (like megatron's vocab-parallel CE).
+
+Gradients come from an explicit backward (no autograd through collectives): treating ``p_S``
+and ``q`` as free, let ``H^p_j = p_j * dD/dp_j`` and ``H^q_j = q_j * dD/dq_j`` (elementwise, in
+log space so underflowing probabilities stay finite); the softmax Jacobian then gives::
+
+    dD/d(z_S_j / T) = H^p_j - p_S_j * sum_i H^p_i        dD/d(z_T_j / T) = H^q_j - q_j * sum_i H^q_i
+
+which needs one more all-reduce SUM of the two per-token sums. For forward KL this is the
+familiar ``d loss / d z_S = scale / T * (p_S - q)``. The per-token loss is replicated, so the
+incoming gradient is the full gradient on every rank and each rank returns the gradient of its
+own shard (megatron's ``reduce_from_tensor_model_parallel_region`` convention).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _log_weight(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
+class VocabParallelKD:
+    """The named steps of the vocab-parallel KD loss, shared by all divergences.
+
+    Shapes: ``[*, v/tp]`` is one rank's vocab shard, ``[*]`` one value per token, and
+    ``[2, *]`` a student/teacher pair of per-token values reduced in one collective.
+    """
+
+    @staticmethod
+    def valid_vocab_mask(shard_size: int, rank: int, vocab_size: int, device) -> torch.Tensor:
+        """[v/tp] bool: True for this shard's ids below the true vocab size (not padding)."""
+        global_ids = torch.arange(rank * shard_size, (rank + 1) * shard_size, device=device)
+        return global_ids < vocab_size
+
+    @staticmethod
+    def scaled_logits(logits: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[*, v/tp] any dtype -> fp32 ``z / T`` with padding at -inf (so it drops out of every sum)."""
+        return (logits.float() / temperature).masked_fill(~valid, -math.inf)
+
+    @staticmethod
+    def teacher_top_k_support(teacher: torch.Tensor, valid: torch.Tensor, top_k: Optional[int],
+                              group) -> torch.Tensor:
+        """[*, v/tp] bool: the teacher's global top-k (ties at the k-th value kept), or all valid ids.
+
+        Each shard contributes its own top-min(k, v/tp) values; the global k-th largest is among
+        those ``[*, k_local * tp]`` values, so only they are all-gathered, never the logits.
+        """
+        if top_k is None:
+            return valid.expand(teacher.shape)
+        k_local = min(top_k, teacher.size(-1))
+        local_top = torch.topk(teacher, k_local, dim=-1).values  # [*, k_local], padding is -inf
+        if _group_size(group) > 1:
+            gathered = [torch.empty_like(local_top) for _ in range(_group_size(group))]
+            dist.all_gather(gathered, local_top.contiguous(), group=group)
+            local_top = torch.cat(gathered, dim=-1)  # [*, k_local * tp]
+        # k <= vocab_size <= (unpadded ids available), so the threshold is finite.
+        threshold = torch.topk(local_top, top_k, dim=-1).values[..., -1:]  # [*, 1]
+        return valid & (teacher >= threshold)
+
+    @staticmethod
+    def local_max(scaled: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """[*, v/tp] -> [*]: max over this shard's support (-inf if the shard holds none)."""
+        return scaled.masked_fill(~support, -math.inf).amax(dim=-1)
+
+    @staticmethod
+    def all_reduce(stats: torch.Tensor, op, group) -> torch.Tensor:
+        """In-place all-reduce of per-token statistics over the TP group (no-op without one)."""
+        if _group_size(group) > 1:
+            dist.all_reduce(stats, op=op, group=group)
+        return stats
+
+    @staticmethod
+    def local_sum_exp(scaled: torch.Tensor, support: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
+        """[*, v/tp], [*] -> [*]: sum over this shard's support of exp(z/T - global max)."""
+        shifted = (scaled - global_max.unsqueeze(-1)).masked_fill(~support, -math.inf)
+        return shifted.exp().sum(dim=-1)
+
+    @staticmethod
+    def log_softmax(scaled: torch.Tensor, support: torch.Tensor, global_max: torch.Tensor,
+                    global_sum_exp: torch.Tensor) -> torch.Tensor:
+        """[*, v/tp] log-probabilities normalised over the global support; -inf outside it."""
+        log_normaliser = global_max + global_sum_exp.log()  # [*]
+        return (scaled - log_normaliser.unsqueeze(-1)).masked_fill(~support, -math.inf)
+
+    @staticmethod
+    def _log_mixtures(log_p: torch.Tensor, log_q: torch.Tensor, beta: float):
+        """JSD mixtures in log space: m = beta*q + (1-beta)*p and the crossed n = (1-beta)*q + beta*p."""
+        log_b, log_1mb = _log_weight(beta), _log_weight(1.0 - beta)
+        log_m = torch.logaddexp(log_q + log_b, log_p + log_1mb)
+        log_n = torch.logaddexp(log_q + log_1mb, log_p + log_b)
+        return log_m, log_n
+
+    @staticmethod
+    def partial_divergence(log_p: torch.Tensor, log_q: torch.Tensor, support: torch.Tensor,
+                           divergence: str, beta: float) -> torch.Tensor:
+        """[*, v/tp] -> [*]: this shard's share of D (the sum over K restricted to the shard)."""
+        p, q = log_p.exp(), log_q.exp()
+        if divergence == "forward_kl":
+            terms = q * (log_q - log_p)
+        elif divergence == "reverse_kl":
+            terms = p * (log_p - log_q)
+        else:  # jsd
+            log_m, _ = VocabParallelKD._log_mixtures(log_p, log_q, beta)
+            terms = (1.0 - beta) * q * (log_q - log_m) + beta * p * (log_p - log_m)
+        # Outside K the terms are 0 * (-inf) = nan; they are not part of D.
+        return torch.where(support, terms, 0.0).sum(dim=-1)
+
+    @staticmethod
+    def divergence_grad_terms(log_p: torch.Tensor, log_q: torch.Tensor, support: torch.Tensor,
+                              divergence: str, beta: float):
+        """[*, v/tp] -> (H^p, H^q) with H^p = p * dD/dp and H^q = q * dD/dq, 0 outside K."""
+        p, q = log_p.exp(), log_q.exp()
+        if divergence == "forward_kl":
+            h_p = -q
+            h_q = q * (log_q - log_p + 1.0)
+        elif divergence == "reverse_kl":
+            h_p = p * (log_p - log_q + 1.0)
+            h_q = -p
+        else:  # jsd; the weighted ratios (1-beta)*p*n/m <= q + p and beta*q*n/m <= q + p stay finite
+            log_m, log_n = VocabParallelKD._log_mixtures(log_p, log_q, beta)
+            h_p = beta * p * (log_p - log_m + 1.0) - (log_p + log_n - log_m + _log_weight(1.0 - beta)).exp()
+            h_q = (1.0 - beta) * q * (log_q - log_m + 1.0) - (log_q + log_n - log_m + _log_weight(beta)).exp()
+        return torch.where(support, h_p, 0.0), torch.where(support, h_q, 0.0)
+
+
+class _VocabParallelKDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, tp_group, vocab_size, temperature,
+                scale, divergence, beta, top_k):
+        steps = VocabParallelKD
+        rank = _group_rank(tp_group)
+        valid = steps.valid_vocab_mask(student_logits.size(-1), rank, vocab_size,
+                                       student_logits.device)  # [v/tp]
+
+        student = steps.scaled_logits(student_logits, valid, temperature)  # [*, v/tp] fp32
+        teacher = steps.scaled_logits(teacher_logits, valid, temperature)  # [*, v/tp] fp32
+        student_support = valid.expand(student.shape)
+        teacher_support = steps.teacher_top_k_support(teacher, valid, top_k, tp_group)
+
+        # Max over the vocab, student and teacher in one all-reduce. No gradient: the max only
+        # shifts the exponent, and this whole forward runs without autograd anyway.
+        logits_max = torch.stack([steps.local_max(student, student_support),
+                                  steps.local_max(teacher, teacher_support)])  # [2, *]
+        steps.all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+
+        sum_exp = torch.stack([steps.local_sum_exp(student, student_support, logits_max[0]),
+                               steps.local_sum_exp(teacher, teacher_support, logits_max[1])])  # [2, *]
+        steps.all_reduce(sum_exp, dist.ReduceOp.SUM, tp_group)
+
+        log_p = steps.log_softmax(student, student_support, logits_max[0], sum_exp[0])  # [*, v/tp]
+        log_q = steps.log_softmax(teacher, teacher_support, logits_max[1], sum_exp[1])  # [*, v/tp]
+
+        divergence_ = steps.partial_divergence(log_p, log_q, teacher_support, divergence, beta)  # [*]
+        steps.all_reduce(divergence_, dist.ReduceOp.SUM, tp_group)
+
+        ctx.save_for_backward(log_p, log_q, teacher_support)
+        ctx.tp_group, ctx.divergence, ctx.beta = tp_group, divergence, beta
+        ctx.grad_scale = scale / temperature  # d(z/T)/dz = 1/T
+        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
+        return divergence_ * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        steps = VocabParallelKD
+        log_p, log_q, support = ctx.saved_tensors
+        h_p, h_q = steps.divergence_grad_terms(log_p, log_q, support, ctx.divergence, ctx.beta)
+
+        # The softmax Jacobians need the global sums of H^p and H^q: one all-reduce for both.
+        h_sums = torch.stack([h_p.sum(dim=-1), h_q.sum(dim=-1)])  # [2, *]
+        steps.all_reduce(h_sums, dist.ReduceOp.SUM, ctx.tp_group)
+
+        scale = (grad_output.float() * ctx.grad_scale).unsqueeze(-1)  # [*, 1]
+        needs_student, needs_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_student = grad_teacher = None
+        if needs_student:
+            grad_student = ((h_p - log_p.exp() * h_sums[0].unsqueeze(-1)) * scale).to(ctx.dtypes[0])
+        if needs_teacher:
+            grad_teacher = ((h_q - log_q.exp() * h_sums[1].unsqueeze(-1)) * scale).to(ctx.dtypes[1])
+        return grad_student, grad_teacher, None, None, None, None, None, None, None
+
+
+def _check_args(student_logits, teacher_logits, tp_group, vocab_size, temperature, divergence,
+                beta, top_k):
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logit shards differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)} (they must share the tokenizer and the TP layout; pad "
+            f"both to the same V_pad first)")
+    padded_vocab = student_logits.size(-1) * _group_size(tp_group)
+    if not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, V_pad] with V_pad = shard size "
+                         f"{student_logits.size(-1)} x TP {_group_size(tp_group)} = {padded_vocab}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab_size}] or None, got {top_k}")
+
+
+def vocab_parallel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tp_group,
+                           vocab_size: int, temperature: float = 1.0, scale_by_t_squared: bool = True,
+                           divergence: str = "forward_kl", beta: float = 0.5,
+                           top_k: Optional[int] = None) -> torch.Tensor:
+    """Per-token distillation loss from this TP rank's vocab shards of student and teacher logits.
+
+    Args:
+        student_logits: ``[*, V_pad/TP]`` (e.g. ``[s, b, v/tp]``), any float dtype; usually
+            requires grad.
+        teacher_logits: same shape; may require grad (then it gets one too).
+        tp_group: the tensor-parallel group the vocab is sharded over, passed explicitly (no
+            ``parallel_state`` getter is consulted); ``None`` for a single, unsharded process.
+        vocab_size: the true vocab size V; ids ``>= V`` are padding, excluded from both softmaxes.
+        temperature: T in ``softmax(z / T)``.
+        scale_by_t_squared: multiply by ``T**2`` (Hinton).
+        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (see the module docstring).
+        beta: JSD weight; 0 gives forward KL, 1 reverse KL.
+        top_k: restrict the teacher to its global top-k support (see the module docstring).
+
+    Returns:
+        ``[*]`` fp32 per-token losses, identical on every rank of ``tp_group``.
+    """
+    _check_args(student_logits, teacher_logits, tp_group, vocab_size, temperature, divergence, beta,
+                top_k)
+    scale = temperature ** 2 if scale_by_t_squared else 1.0
+    return _VocabParallelKDLoss.apply(student_logits, teacher_logits, tp_group, vocab_size,
+                                      float(temperature), float(scale), divergence, float(beta), top_k)
+
+
+def kd_objective_loss(per_token_kd: Optional[torch.Tensor], per_token_ce: Optional[torch.Tensor],
+                      loss_mask: torch.Tensor, alpha: float):
+    """``alpha * KD + (1 - alpha) * CE`` summed over loss-masked tokens -> ``(loss_sum, num_tokens)``.
+
+    A sum and a count, not a mean, so that the trainer divides once by the global token count
+    across micro-batches and DP/CP ranks. ``per_token_kd`` may be ``None`` when ``alpha == 0`` (the
+    CE baseline runs no teacher) and ``per_token_ce`` may be ``None`` when ``alpha == 1``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    parts = []
+    if alpha > 0:
+        if per_token_kd is None:
+            raise ValueError(f"alpha={alpha} > 0 needs per-token KD losses")
+        parts.append(alpha * per_token_kd.float())
+    if alpha < 1:
+        if per_token_ce is None:
+            raise ValueError(f"alpha={alpha} < 1 needs per-token CE losses")
+        parts.append((1.0 - alpha) * per_token_ce.float())
+    per_token = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    if per_token.shape != loss_mask.shape:
+        raise ValueError(f"per-token losses {tuple(per_token.shape)} and loss_mask "
+                         f"{tuple(loss_mask.shape)} differ in shape")
+    mask = loss_mask.bool()
+    # where, not multiply: a masked-out token's loss (e.g. a padded tail) must not leak inf/nan.
+    loss_sum = torch.where(mask, per_token, 0.0).sum()
+    return loss_sum, mask.sum().to(torch.int)
