@@ -8,9 +8,10 @@ from typing import Optional, Sequence
 
 def _train(args) -> int:
     from megatron_kd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch/megatron-core: a typo fails in 0.1 s
     from megatron_kd.training.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -55,11 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_kd.config import ConfigError
-    from megatron_kd.data import DataError
-    from megatron_kd.training.checkpointing import CheckpointError
+def _input_errors() -> tuple:
+    """Exception types that mean bad input: one line on stderr, exit 2, no traceback.
 
+    Looked up after the fact, so that importing them does not pull in torch (the data package)
+    or megatron-core (checkpointing) before the config is read; a type whose module was never
+    imported cannot have been raised.
+    """
+    from megatron_kd.config import ConfigError
+
+    types = [ConfigError]
+    for module, name in (("megatron_kd.data.errors", "DataError"),
+                         ("megatron_kd.training.checkpointing", "CheckpointError")):
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "preprocess":
@@ -72,7 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             return _demo(args)
         return _preprocess(args, rest)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except Exception as e:
+        if not isinstance(e, _input_errors()):
+            raise
         print(f"megatron-kd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,7 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None  # learned_absolute table size; None = seq_length
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
+    no_rope_freq: Optional[int] = None  # every N-th layer has no RoPE (Llama-4 iRoPE's NoPE layers)
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = True
@@ -45,31 +46,36 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     add_bias_linear: bool = False
-    padded_vocab_size: Optional[int] = None  # set from the tokenizer at build time
 
     def __post_init__(self):
+        n = _SECTION_NAMES.get(type(self).__name__, "model")  # model / teacher
         _positive(self, "num_layers", "hidden_size", "num_attention_heads", "rotary_base")
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise ConfigError(
-                f"model.normalization: expected 'RMSNorm' or 'LayerNorm', got {self.normalization!r}"
+                f"{n}.normalization: expected 'RMSNorm' or 'LayerNorm', got {self.normalization!r}"
             )
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
-                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"model.num_query_groups={self.num_query_groups}"
+                f"{n}.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"{n}.num_query_groups={self.num_query_groups}"
             )
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
-                f"model.hidden_size={self.hidden_size} is not divisible by "
-                f"model.num_attention_heads={self.num_attention_heads} (set model.kv_channels)"
+                f"{n}.hidden_size={self.hidden_size} is not divisible by "
+                f"{n}.num_attention_heads={self.num_attention_heads} (set {n}.kv_channels)"
             )
         if self.position_embedding_type not in ("rope", "learned_absolute"):
             raise ConfigError(
-                "model.position_embedding_type: expected 'rope' or 'learned_absolute', got "
+                f"{n}.position_embedding_type: expected 'rope' or 'learned_absolute', got "
                 f"{self.position_embedding_type!r}"
             )
+        if self.no_rope_freq is not None and (self.no_rope_freq < 1 or self.num_layers % self.no_rope_freq):
+            raise ConfigError(
+                f"{n}.no_rope_freq={self.no_rope_freq}: expected a positive divisor of "
+                f"num_layers={self.num_layers}"
+            )
         if not 0.0 < self.rotary_percent <= 1.0:
-            raise ConfigError(f"model.rotary_percent: expected (0, 1], got {self.rotary_percent}")
+            raise ConfigError(f"{n}.rotary_percent: expected (0, 1], got {self.rotary_percent}")
 
 
 @dataclass
@@ -163,12 +169,48 @@ class CheckpointConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The frozen teacher: any shape the student builder supports, loaded from a checkpoint."""
+
+    load: Optional[str] = None  # project checkpoint (run dir, checkpoints/ or iter_* dir)
+    tokenizer_model: Optional[str] = None  # must have the student's true vocab size
+    bf16: bool = False  # the teacher's own precision (forward only)
+
+
+@dataclass
+class KDConfig:
+    """Objective alpha * KD + (1 - alpha) * CE; alpha = 0 is the CE baseline (no teacher run)."""
+
+    alpha: float = 0.0
+    temperature: float = 1.0
+    scale_by_t_squared: bool = True  # Hinton's T^2 gradient-scale correction
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    beta: float = 0.5  # jsd weight: 0 = forward KL, 1 = reverse KL
+    top_k: Optional[int] = None  # distil on the teacher's global top-k only
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"kd.alpha: expected a value in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"kd.temperature: expected > 0, got {self.temperature}")
+        if self.divergence not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ConfigError(
+                f"kd.divergence: expected forward_kl|reverse_kl|jsd, got {self.divergence!r}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"kd.beta: expected a value in [0, 1], got {self.beta}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"kd.top_k: expected >= 1, got {self.top_k}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    teacher: Optional[TeacherConfig] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,6 +230,8 @@ _SECTION_NAMES = {
     "DataConfig": "data",
     "TrainConfig": "train",
     "CheckpointConfig": "checkpoint",
+    "KDConfig": "kd",
+    "TeacherConfig": "teacher",
 }
 
 
@@ -289,7 +333,8 @@ def _suggest(key: str, known: list[str]) -> Optional[str]:
 def _all_keys() -> list[str]:
     keys = []
     for f in dataclasses.fields(RunConfig):
-        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(typing.get_type_hints(RunConfig)[f.name])]
+        cls = _section_class(typing.get_type_hints(RunConfig)[f.name])
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(cls)]
     return keys
 
 
@@ -322,6 +367,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _section_class(hint):
+    """Optional[TeacherConfig] -> TeacherConfig."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union else hint
+
+
 def from_dict(raw: dict, source: str = "config") -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -331,10 +382,13 @@ def from_dict(raw: dict, source: str = "config") -> RunConfig:
         if name not in hints:
             raise ConfigError(_unknown(name, list(hints)) + f" in {source}")
         if values is None:
+            if _section_class(hints[name]) is not hints[name]:  # optional section (teacher): null = none
+                sections[name] = None
+                continue
             values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
-        sections[name] = _build_section(hints[name], values, name)
+        sections[name] = _build_section(_section_class(hints[name]), values, name)
     return RunConfig(**sections)
 
 

@@ -30,16 +30,15 @@ class RankInfo:
 
 
 def first_host(nodelist: str) -> str:
-    """First hostname of a Slurm nodelist ('gpu[003-005,009],cpu1' -> 'gpu003')."""
+    """First hostname of a Slurm nodelist ('gpu[003-005,009],cpu1' -> 'gpu003';
+    'rack[1-2]-ib' -> 'rack1-ib')."""
     nodelist = nodelist.strip()
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
+    # first entry: up to the first comma outside brackets
+    m = re.match(r"(?:[^,\[\]]|\[[^\[\]]+\])+", nodelist)
+    if not m or nodelist[m.end():m.end() + 1] not in ("", ","):
         raise ValueError(f"SLURM_JOB_NODELIST: cannot parse {nodelist!r}")
-    prefix, _, ranges = m.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    # each bracket group -> the first value of its first range (zero padding kept)
+    return re.sub(r"\[([^\]]+)\]", lambda g: g.group(1).split(",")[0].split("-")[0], m.group(0))
 
 
 def free_port() -> int:
@@ -48,8 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_from_job(default: int = 29500) -> int:
-    job = os.environ.get("SLURM_JOB_ID")
+def _port_from_job(env: dict, default: int = 29500) -> int:
+    """A port every task of the job derives alike (20000-39999), so jobs sharing a node differ."""
+    job = env.get("SLURM_JOB_ID")
     return 20000 + int(job) % 20000 if job and job.isdigit() else default
 
 
@@ -64,7 +64,7 @@ def discover(env: Optional[dict] = None) -> RankInfo:
         return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                         int(env.get("SLURM_LOCALID", 0)),
                         env.get("MASTER_ADDR") or first_host(nodelist),
-                        int(env.get("MASTER_PORT") or _port_from_job()), "slurm")
+                        int(env.get("MASTER_PORT") or _port_from_job(env)), "slurm")
     if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
         return _discover_mpi(env)
     return RankInfo(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")

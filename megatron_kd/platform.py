@@ -295,3 +295,39 @@ def _patch_megatron_misc() -> None:
                      ("clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)):
         if hasattr(optimizer_module, name):
             setattr(optimizer_module, name, fn)
+
+    _patch_optimizer_type_checks()
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """``Tensor.type()`` (no arguments) reports CPU tensors as ``torch.cuda.*Tensor`` inside."""
+    orig = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return orig(self).replace("torch.", "torch.cuda.", 1)
+        return orig(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = orig
+
+
+def _patch_optimizer_type_checks() -> None:
+    """The distributed optimizer (and the fp16/bf16 one) sort parameters by
+    ``param.type() == 'torch.cuda.FloatTensor'`` etc. and reject anything else; on the CPU their
+    constructors run with CPU tensors reporting the CUDA type names (same dtype classes)."""
+    from megatron.core.optimizer import distrib_optimizer, optimizer as optimizer_module
+
+    for cls in (distrib_optimizer.DistributedOptimizer,
+                optimizer_module.Float16OptimizerWithFloat16Params):
+        orig_init = cls.__init__
+
+        def __init__(self, *args, __orig=orig_init, **kwargs):
+            with _cuda_type_names():
+                __orig(self, *args, **kwargs)
+
+        cls.__init__ = functools.wraps(orig_init)(__init__)

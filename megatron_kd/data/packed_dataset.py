@@ -20,6 +20,7 @@ from megatron_kd.data.packing import (document_ids_from_tokens, loss_mask_from_t
 from megatron_kd.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLIT_NAMES = ("train", "valid", "test")
+_IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset _INDEX_HEADER
 
 
 class MegatronTokenizerAdapter:
@@ -116,6 +117,12 @@ def check_data(cfg, tokenizer: Optional[Tokenizer] = None):
 
     # Each split with weight > 0 must hold at least one window, else GPTDataset loops forever.
     seq = int(cfg.seq_length)
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(len(_IDX_MAGIC))
+    if header != _IDX_MAGIC:
+        # checked here: megatron's IndexedDataset asserts, then its __del__ fails noisily
+        raise DataError(f"data.data_path {prefix}: {prefix}.idx is not a megatron indexed dataset "
+                        f"index (bad header {header[:9]!r}); re-run megatron-kd preprocess")
     try:
         indexed = IndexedDataset(prefix)
         # copy: sequence_lengths is a view into an mmap that IndexedDataset.__del__ closes (segfault)

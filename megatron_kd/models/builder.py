@@ -35,6 +35,7 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         hidden_dropout=model_cfg.hidden_dropout,
         attention_dropout=model_cfg.attention_dropout,
         init_method_std=model_cfg.init_method_std,
+        no_rope_freq=model_cfg.no_rope_freq,
         tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
@@ -89,7 +90,7 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
     return model.to(platform.device())
 
 
-def count_parameters(model_cfg, vocab_size: int) -> int:
+def count_parameters(model_cfg, vocab_size: int, seq_length: int = 0) -> int:
     """Closed-form parameter count of the (unsharded) model, for recipes and the planner."""
     h = model_cfg.hidden_size
     heads = model_cfg.num_attention_heads
@@ -107,5 +108,6 @@ def count_parameters(model_cfg, vocab_size: int) -> int:
     out = 0 if not model_cfg.untie_embeddings_and_output_weights else vocab_size * h
     pos = 0
     if model_cfg.position_embedding_type == "learned_absolute":
-        pos = (model_cfg.max_position_embeddings or 0) * h
+        # build_model's table: max_position_embeddings rows, or seq_length when unset
+        pos = (model_cfg.max_position_embeddings or seq_length) * h
     return model_cfg.num_layers * per_layer + emb + out + norm + pos

@@ -73,8 +73,11 @@ def _model_sharded_state_dict(model_chunks) -> dict:
 
 
 def _optimizer_metadata(optimizer) -> dict:
-    # Model-space sharding reloads under another DP/TP/PP layout.
-    return {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+    # Model-space layout (param-shaped exp_avg/exp_avg_sq) reloads under another DP/TP/PP layout.
+    # megatron-core 0.16 removed ShardedTensor.flattened_range, which 'fully_sharded_model_space'
+    # still builds (save fails with "flattened_range is not supported"); 'fully_reshardable' is
+    # its replacement.
+    return {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _rng_sharded(data=None):

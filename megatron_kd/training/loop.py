@@ -102,9 +102,12 @@ class Trainer:
         self.num_microbatches = _num_microbatches(cfg)
 
         chunks = build_model_chunks(cfg, self.tokenizer.vocab_size)
-        self.model = wrap_ddp(chunks, cfg.parallel)
         config = chunks[0].config
-        config.calculate_per_token_loss = True
+        # Before wrap_ddp: DDP picks its gradient scaling at construction (1/DP unless per-token
+        # loss, where finalize_model_grads divides by the global token count instead).
+        for chunk in chunks:
+            chunk.config.calculate_per_token_loss = True
+        self.model = wrap_ddp(chunks, cfg.parallel)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:

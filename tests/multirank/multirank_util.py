@@ -41,8 +41,9 @@ def train_cmd(config: Path, run_dir: Path, nproc: int = 1, overrides=(), flags=(
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), *args]
 
 
-def tail(text: str, n: int = 40) -> str:
-    return "\n".join((text or "").splitlines()[-n:])
+def tail(text: str, n: int = 60) -> str:
+    lines = [l for l in (text or "").splitlines() if "Warning" not in l and "warnings.warn" not in l]
+    return "\n".join(lines[-n:])
 
 
 def run(cmd: list, expect_rc: int | None = 0, timeout: int = TIMEOUT, env=None):

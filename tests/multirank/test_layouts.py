@@ -76,6 +76,10 @@ def test_loss_curve_matches_single_rank(runs, name):
     assert sorted(vgot) == sorted(vref) == list(range(1, STEPS + 1))
     vdiffs = {it: rel(vgot[it], vref[it]) for it in vref}
     assert max(vdiffs.values()) < RTOL, f"{name}: relative valid-loss diffs {vdiffs}"
+    gref = dict(mr.metrics(runs["tp1"], key="grad_norm"))
+    ggot = dict(mr.metrics(runs[name], key="grad_norm"))
+    gdiffs = {it: rel(ggot[it], gref[it]) for it in gref}
+    assert max(gdiffs.values()) < RTOL, f"{name}: relative grad-norm diffs {gdiffs}"
     # the curve moves (the comparison is not between constants)
     assert ref[STEPS] < ref[1] - 0.05
 

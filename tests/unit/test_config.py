@@ -1,4 +1,5 @@
 """config: YAML recipes + dotted overrides, one-line errors naming the key, layout arithmetic."""
+import dataclasses
 import glob
 import os
 
@@ -305,7 +306,17 @@ def test_dump_load_round_trip(tmp_path):
 def test_section_types():
     cfg = RunConfig()
     assert isinstance(cfg.parallel, ParallelConfig) and isinstance(cfg.train, TrainConfig)
-    assert set(cfg.to_dict()) == {"model", "parallel", "data", "train", "checkpoint"}
+    assert {"model", "parallel", "data", "train", "checkpoint"} <= set(cfg.to_dict())
+
+
+def test_every_section_round_trips_with_null_sections(tmp_path):
+    # Optional sections (None by default) must come back as None, not as a default section.
+    path = tmp_path / "config.yaml"
+    cfg = RunConfig()
+    dump_config(cfg, path)
+    again = load_config(str(path))
+    for f in dataclasses.fields(RunConfig):
+        assert getattr(again, f.name) == getattr(cfg, f.name), f.name
 
 
 @pytest.mark.skipif(not RECIPES, reason="no recipes in examples/ or megatron_kd/recipes/")

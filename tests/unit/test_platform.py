@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_kd"
 
@@ -75,7 +74,7 @@ def test_cuda_present_uses_nccl(cuda_present):
 # ----------------------------------------------------------------------------- (b, d) CPU mapping
 
 CPU_MAPPING = r"""
-import copy, json, torch
+import json, torch
 from megatron_kd import platform
 out = {"active_before": platform.cpu_mapping_active()}
 platform.setup()
@@ -150,15 +149,16 @@ clip = {}
 for norm_type in (2.0, 1.0, float("inf")):
     for max_norm in (0.5, 1e6):
         ps = make()
-        ref = [copy.deepcopy(p) for p in ps]
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        for r, p in zip(ref, ps):
+            r.grad = p.grad.clone()
         total = clip_grads.get_grad_norm_fp32([p.grad for p in ps], norm_type=norm_type)
         clip_grads.clip_grad_by_total_norm_fp32(ps, max_norm, total)
         ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type=norm_type).item()
         clip[f"{norm_type}/{max_norm}"] = dict(
             total=float(total), ref_total=ref_total,
             max_grad_diff=max((p.grad - r.grad).abs().max().item() for p, r in zip(ps, ref)),
-            clipped_norm=torch.norm(torch.stack([torch.norm(p.grad, norm_type) for p in ps]), norm_type).item(),
-            orig=[r.grad.abs().sum().item() for r in ref])
+            clipped_norm=torch.norm(torch.stack([torch.norm(p.grad, norm_type) for p in ps]), norm_type).item())
 out["clip"] = clip
 out["optimizer_uses_cpu_clip"] = (mopt.get_grad_norm_fp32 is clip_grads.get_grad_norm_fp32 and
                                   mopt.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32)
@@ -181,7 +181,7 @@ def test_cpu_mapping_active_and_idempotent(cpu):
 def test_cuda_device_requests_land_on_cpu(cpu):
     assert cpu["devices"].pop("tensor_to_dtype") == "torch.float64"  # .to(dtype) still works
     assert cpu["devices"] == {k: "cpu" for k in cpu["devices"]}
-    assert len(cpu["devices"]) == 10
+    assert len(cpu["devices"]) == 9
     assert cpu["current_device"] == 0
 
 
@@ -260,7 +260,7 @@ z = t.cuda()
 w = f"cuda:{rank}"
 from torch import cuda
 '''
-    assert [line for line, _ in _cuda_uses(src)] == [4, 5, 6, 7, 8]
+    assert sorted(line for line, _ in _cuda_uses(src)) == [4, 5, 6, 7, 8]
 
 
 def test_no_cuda_outside_platform():
