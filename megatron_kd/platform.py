@@ -40,6 +40,19 @@ def set_device(local_rank: int) -> None:
         torch.cuda.set_device(local_rank)
 
 
+def batch_p2p_comm() -> bool:
+    """Whether pipeline send/recv may go through ``batch_isend_irecv`` (megatron's default).
+
+    Not under gloo: gloo matches point-to-point messages between two ranks by posting order
+    (one tag), and megatron's batched op list posts [send_prev, recv_prev, send_next, recv_next].
+    With PP=2 prev == next, so in the interleaved (virtual-stage) schedule's combined
+    forward+backward exchange rank 0's first send (a gradient) lands in rank 1's first receive
+    (an activation) of the same shape: silently swapped tensors. megatron's unbatched path
+    orders sends/receives by even/odd rank and uses separate groups per direction.
+    """
+    return backend() != "gloo"
+
+
 def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 

@@ -40,6 +40,9 @@ class DistillationModel(MegatronModule):
         self.vocab_size = vocab_size
         self.tp_group = tp_group
         self.student_hidden = student.config.hidden_size
+        # what megatron-core's schedules and DDP look up on the model they are given
+        self.model_type = student.model_type
+        self.vp_stage = getattr(student, "vp_stage", None)
         self.pre_process = student.pre_process
         self.post_process = student.post_process
 
@@ -72,7 +75,8 @@ class DistillationModel(MegatronModule):
         if self.kd_cfg.alpha < 1.0:
             # megatron's vocab-parallel CE on the same logits: [s, b, v] in, [s, b] out
             ce = tensor_parallel.vocab_parallel_cross_entropy(
-                student_out.transpose(0, 1).float(), labels.transpose(0, 1)).transpose(0, 1)
+                student_out.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous()
+            ).transpose(0, 1)
         else:
             ce = torch.zeros_like(kd)
         return torch.stack([kd, ce], dim=-1)  # [b, s, 2]

@@ -59,7 +59,7 @@ def check_checkpoint_shapes(teacher_chunks, path) -> None:
             if sh.key not in saved:
                 raise ConfigError(f"teacher.load {ckpt}: tensor {sh.key} of the teacher config is missing "
                                   "from the checkpoint")
-            got = tuple(saved[sh.key].shape)
+            got = tuple(saved[sh.key].global_shape)
             if got != tuple(sh.global_shape):
                 raise ConfigError(f"teacher.load {ckpt}: tensor {sh.key} has shape {got} in the checkpoint "
                                   f"but {tuple(sh.global_shape)} from the teacher config")

@@ -163,3 +163,8 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng
         platform.set_rng_states(loaded["rng_state"])
     return {k: common.get(k) for k in ("iteration", "consumed_samples", "layout", "extra")} | {
         "path": str(ckpt), "rng_restored": restore_rng}
+
+
+def load_model_weights(path, model_chunks) -> dict:
+    """Weights only (a teacher, or phase 2 starting from phase 1): no optimizer, scheduler, RNG."""
+    return load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng=False)

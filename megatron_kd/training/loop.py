@@ -28,10 +28,15 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     history: list = field(default_factory=list)  # (iteration, train loss) on the logging rank
+    valid_history: list = field(default_factory=list)  # (iteration, {name: held-out loss})
 
 
 def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
-    """All pipeline chunks this rank holds (several with virtual pipeline stages)."""
+    """All pipeline chunks this rank holds (several with virtual pipeline stages).
+
+    With ``kd.alpha > 0`` each chunk is a DistillationModel: the student chunk and the frozen
+    teacher chunk of the same stage.
+    """
     from megatron_kd.models import build_model
 
     vp = cfg.parallel.virtual_pipeline_model_parallel_size
@@ -39,7 +44,25 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
     for stage in range(vp or 1):
         chunks.append(build_model(cfg.model, cfg.parallel, vocab_size, cfg.data.seq_length,
                                   bf16=cfg.train.bf16, vp_stage=stage if vp else None))
+    if cfg.kd.alpha > 0:
+        from megatron.core import parallel_state as ps
+
+        from megatron_kd.kd.distill_model import DistillationModel
+        from megatron_kd.kd.teacher import build_teacher_chunks
+
+        teachers = build_teacher_chunks(cfg, vocab_size)
+        tp_group = ps.get_tensor_model_parallel_group()
+        chunks = [DistillationModel(s, t, cfg.kd, vocab_size, tp_group) for s, t in zip(chunks, teachers)]
     return chunks
+
+
+def default_objective(cfg: RunConfig, device):
+    """CE alone (phase 1, and the alpha = 0 baseline: no teacher is built or run), else KD."""
+    if cfg.kd.alpha > 0:
+        from megatron_kd.kd.objective import DistillationObjective
+
+        return DistillationObjective(cfg.kd, device)
+    return CrossEntropyObjective(device)
 
 
 def _num_microbatches(cfg: RunConfig) -> int:
@@ -53,25 +76,30 @@ def _is_logging_rank() -> bool:
     return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
-def reduce_losses(losses: list, name: str) -> Optional[float]:
-    """Per-micro-batch [sum, count] reports -> global mean over loss tokens (last stage only)."""
+def reduce_losses(losses: list) -> Optional[dict]:
+    """Per-micro-batch {name: [sum, count]} reports -> {name: global mean over loss tokens}.
+
+    None off the last pipeline stage (only it computes losses).
+    """
     from megatron.core import parallel_state as ps
 
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    if not ps.is_pipeline_last_stage(ignore_virtual=True) or not losses:
         return None
-    total = torch.zeros(2, dtype=torch.float64)
+    names = list(losses[0])
+    total = torch.zeros(len(names), 2, dtype=torch.float64)
     for report in losses:
-        total += report[name].to(torch.float64).cpu()
+        for i, name in enumerate(names):
+            total[i] += report[name].to(torch.float64).cpu()
     total = total.to(platform.device())
     torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
-    return (total[0] / total[1].clamp(min=1)).item()
+    return {name: (total[i, 0] / total[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, objective_factory: Optional[Callable] = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.objective_factory = objective_factory or (lambda cfg, device: CrossEntropyObjective(device))
+        self.objective_factory = objective_factory or default_objective
 
     # ----------------------------------------------------------------- setup
     def setup(self, resume: bool, overwrite: bool):
@@ -79,6 +107,7 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
 
         from megatron_kd.data import build_packed_datasets, check_data, load_tokenizer
+        from megatron_kd.kd.teacher import check_teacher_config
 
         cfg = self.cfg
         # Every input is checked before anything is written or computed.
@@ -87,6 +116,7 @@ class Trainer:
             raise ConfigError("data.tokenizer_model: required (a sentencepiece .model or HF tokenizer.json)")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
         check_data(cfg.data, self.tokenizer)
+        check_teacher_config(cfg, self.tokenizer.vocab_size)
         if cfg.checkpoint.load:
             checkpointing.resolve_load_dir(cfg.checkpoint.load)
         prepare_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite)
@@ -109,6 +139,7 @@ class Trainer:
             chunk.config.calculate_per_token_loss = True
         self.model = wrap_ddp(chunks, cfg.parallel)
         config.finalize_model_grads_func = finalize_model_grads
+        config.batch_p2p_comm = platform.batch_p2p_comm()
         config.no_sync_func = [m.no_sync for m in self.model]
         if len(self.model) == 1:
             config.no_sync_func = config.no_sync_func[0]
@@ -180,10 +211,10 @@ class Trainer:
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=self.cfg.train.global_batch_size)
-        return reduce_losses(losses, self.objective.name), grad_norm, update_ok
+        return reduce_losses(losses), grad_norm, update_ok
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self) -> Optional[dict]:
         """Held-out loss over the same first eval_iters global batches of the valid split."""
         if self.valid_ds is None or not self.cfg.train.eval_iters:
             return None
@@ -195,7 +226,7 @@ class Trainer:
             losses += self._forward_backward(it, forward_only=True)
         for chunk in self.model:
             chunk.train()
-        return reduce_losses(losses, self.objective.name)
+        return reduce_losses(losses)
 
     def save(self):
         checkpointing.save_checkpoint(self.run_dir / "checkpoints", self.state.iteration, self.model,
@@ -210,16 +241,16 @@ class Trainer:
         last_saved = st.iteration if st.iteration else None
         while st.iteration < cfg.train.train_iters:
             t0 = time.perf_counter()
-            loss, grad_norm, update_ok = self.train_step(it)
+            reports, grad_norm, update_ok = self.train_step(it)
             platform.synchronize()
             dt = time.perf_counter() - t0
             st.iteration += 1
             st.consumed_samples += cfg.train.global_batch_size
-            if loss is not None:
-                st.history.append((st.iteration, loss))
-            if st.iteration % cfg.train.log_interval == 0 and loss is not None:
+            if reports is not None:
+                st.history.append((st.iteration, reports[self.objective.name]))
+            if st.iteration % cfg.train.log_interval == 0 and reports is not None:
                 self.metrics.log(st.iteration, {
-                    self.objective.name: loss,
+                    **reports,
                     "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
                     "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                     "tokens_per_s": tokens_per_step / dt,
@@ -228,7 +259,8 @@ class Trainer:
             if cfg.train.eval_interval and st.iteration % cfg.train.eval_interval == 0:
                 val = self.evaluate()
                 if val is not None:
-                    self.metrics.log(st.iteration, {self.objective.name: val, "ppl": math.exp(min(val, 50))},
+                    st.valid_history.append((st.iteration, val))
+                    self.metrics.log(st.iteration, {**val, "lm ppl": math.exp(min(val["lm loss"], 50))},
                                      prefix="valid")
             if save_interval and st.iteration % save_interval == 0:
                 self.save()
