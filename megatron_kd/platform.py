@@ -91,7 +91,21 @@ def rng_states() -> dict:
     states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if cuda_available():
         states["cuda"] = torch.cuda.get_rng_state()
+    # megatron's model-parallel RNG tracker keeps its own generator states (attention dropout in
+    # the TP region forks into 'model-parallel-rng'); Megatron-LM checkpoints them too.
+    tracker = _rng_tracker()
+    if tracker is not None:
+        states["tracker"] = {k: v.clone() for k, v in tracker.get_states().items()}
     return states
+
+
+def _rng_tracker():
+    try:
+        from megatron.core import tensor_parallel
+    except ImportError:
+        return None
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    return tracker if getattr(tracker, "is_initialized", lambda: True)() else None
 
 
 def set_rng_states(states: dict) -> None:
@@ -104,6 +118,9 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     if cuda_available() and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"])
+    tracker = _rng_tracker()
+    if tracker is not None and "tracker" in states:
+        tracker.set_states({k: v.clone() for k, v in states["tracker"].items()})
 
 
 def cpu_mapping_active() -> bool:

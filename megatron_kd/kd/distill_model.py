@@ -34,17 +34,20 @@ class DistillationModel(MegatronModule):
         # Only the p2p buffers read this: both hidden states travel in one tensor.
         config.hidden_size = student.config.hidden_size + teacher.config.hidden_size
         super().__init__(config=config)
-        self.student = student
+        # Named `module` so megatron-core's get_attr_wrapped_model (used by the schedules and
+        # finalize_model_grads for model_type, pre_process, shared embeddings, ...) finds the
+        # student's attributes through this wrapper, as it does through DDP.
+        self.module = student
         self.teacher = freeze(teacher)
         self.kd_cfg = kd_cfg
         self.vocab_size = vocab_size
         self.tp_group = tp_group
         self.student_hidden = student.config.hidden_size
-        # what megatron-core's schedules and DDP look up on the model they are given
-        self.model_type = student.model_type
-        self.vp_stage = getattr(student, "vp_stage", None)
-        self.pre_process = student.pre_process
         self.post_process = student.post_process
+
+    @property
+    def student(self):
+        return self.module
 
     # -- pipeline hand-off ------------------------------------------------------------------
     def set_input_tensor(self, input_tensor):
