@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train from a YAML recipe (launch with torchrun, srun or mpirun "
                                      "for several ranks)")
-    t.add_argument("--config", help="YAML recipe, e.g. examples/tiny_cpu.yaml")
+    t.add_argument("--config", help="YAML recipe, e.g. examples/tiny/phase1_theta10k.yaml")
     t.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides applied after the recipe, e.g. train.lr=3e-4")
     t.add_argument("--resume", action="store_true",

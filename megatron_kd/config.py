@@ -392,20 +392,34 @@ def from_dict(raw: dict, source: str = "config") -> RunConfig:
     return RunConfig(**sections)
 
 
+def _read_recipe(path: Path, chain: tuple = ()) -> dict:
+    """One YAML recipe, with its ``base:`` recipe (a path relative to it) merged underneath.
+
+    Recipes derive from one another (torchtitan's debug-model habit) instead of being copied.
+    """
+    if not path.is_file():
+        what = f"base {path} of {chain[-1]}" if chain else f"--config {path}"
+        raise ConfigError(f"{what}: file not found")
+    if path.resolve() in chain:
+        raise ConfigError(f"--config {path}: 'base' recipes form a cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections at top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"--config {path}: 'base' must be a path to another recipe, got {base!r}")
+    return _merge(_read_recipe(path.parent / base, chain + (path.resolve(),)), raw)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Read a YAML recipe (optional) and apply dotted overrides on top of it."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path}: file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of sections at top level")
+    """Read a YAML recipe (optional, with ``base:`` inheritance) and apply dotted overrides."""
+    raw: dict = _read_recipe(Path(path)) if path is not None else {}
     raw = _merge(raw, parse_overrides(overrides or []))
     return from_dict(raw, source=str(path) if path else "overrides")
 

@@ -9,7 +9,7 @@ from megatron_kd.config import (ConfigError, DataConfig, ModelConfig, ParallelCo
                                 TrainConfig, dump_config, load_config, validate_layout)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml"))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "**", "*.yaml"), recursive=True)
                  + glob.glob(os.path.join(ROOT, "megatron_kd", "recipes", "*.yaml")))
 
 
@@ -319,7 +319,10 @@ def test_every_section_round_trips_with_null_sections(tmp_path):
         assert getattr(again, f.name) == getattr(cfg, f.name), f.name
 
 
-@pytest.mark.skipif(not RECIPES, reason="no recipes in examples/ or megatron_kd/recipes/")
+def test_recipes_exist():
+    assert len(RECIPES) >= 10, RECIPES
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, ROOT) for p in RECIPES])
 def test_recipes_load(path):
     cfg = load_config(path)
@@ -327,3 +330,29 @@ def test_recipes_load(path):
     p = cfg.parallel
     # The smallest world the recipe's layout allows must validate (the recipe is consistent).
     validate_layout(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
+
+
+def test_base_recipe_inheritance(tmp_path):
+    _write(tmp_path, "model:\n  num_layers: 4\n  rotary_base: 10000\ntrain:\n  lr: 0.001\n", "a.yaml")
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "sub", "base: ../a.yaml\nmodel:\n  rotary_base: 500000\n", "b.yaml")
+    cfg = load_config(str(tmp_path / "sub" / "b.yaml"), ["train.lr=0.002"])
+    assert (cfg.model.num_layers, cfg.model.rotary_base, cfg.train.lr) == (4, 500000.0, 0.002)
+    _write(tmp_path, "base: d.yaml\n", "c.yaml")
+    _write(tmp_path, "base: c.yaml\n", "d.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "c.yaml"))
+    _write(tmp_path, "base: missing.yaml\n", "e.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(str(tmp_path / "e.yaml"))
+
+
+def test_paper_phase2_setups():
+    """The paper's three theta setups x {KD, CE}: phase-2 theta and alpha as named."""
+    for obj, alpha in (("kd", 1.0), ("ce", 0.0)):
+        for setup, theta in (("10k_to_10k", 10000), ("500k_to_500k", 500000), ("10k_to_500k", 500000)):
+            for scale in ("paper", "tiny"):
+                cfg = load_config(os.path.join(ROOT, "examples", scale, f"phase2_{obj}_{setup}.yaml"))
+                assert cfg.model.rotary_base == theta and cfg.kd.alpha == alpha
+                assert cfg.checkpoint.finetune is True
+    assert load_config(os.path.join(ROOT, "examples", "paper", "phase2_base.yaml")).data.seq_length == 131072

@@ -11,7 +11,7 @@ from megatron_kd.config import ModelConfig
 from megatron_kd.models.builder import count_parameters, padded_vocab_size
 
 PAPER_VOCAB = 202_048
-PAPER_RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "paper_phase1.yaml")
+PAPER_RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "paper", "phase1_theta10k.yaml")
 PAPER = dict(num_layers=30, hidden_size=1280, num_attention_heads=20, num_query_groups=4,
              ffn_hidden_size=6144, swiglu=True, untie_embeddings_and_output_weights=False,
              normalization="RMSNorm", add_bias_linear=False, position_embedding_type="rope")
@@ -37,7 +37,6 @@ def test_paper_student_padded_vocab_and_untied():
     assert untied - n_tied == padded * 1280
 
 
-@pytest.mark.skipif(not os.path.isfile(PAPER_RECIPE), reason="examples/paper_phase1.yaml not present")
 def test_paper_recipe_has_the_paper_shape():
     from megatron_kd.config import load_config
 
