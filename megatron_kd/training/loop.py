@@ -120,10 +120,6 @@ class Trainer:
         if cfg.checkpoint.load:
             checkpointing.resolve_load_dir(cfg.checkpoint.load)
         prepare_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite)
-        torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0:
-            create_run_dir(self.run_dir, cfg, overwrite=overwrite and not resume)
-        torch.distributed.barrier()
 
         distributed.init_model_parallel(cfg.parallel, cfg.train.seed)
         self.device = platform.device()
@@ -131,7 +127,12 @@ class Trainer:
         self.dp_size = ps.get_data_parallel_world_size()
         self.num_microbatches = _num_microbatches(cfg)
 
+        # Building reads the teacher checkpoint (and checks its shapes): still before any write.
         chunks = build_model_chunks(cfg, self.tokenizer.vocab_size)
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            create_run_dir(self.run_dir, cfg, overwrite=overwrite and not resume)
+        torch.distributed.barrier()
         config = chunks[0].config
         # Before wrap_ddp: DDP picks its gradient scaling at construction (1/DP unless per-token
         # loss, where finalize_model_grads divides by the global token count instead).
