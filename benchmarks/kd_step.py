@@ -1,0 +1,96 @@
+"""KD step vs CE step on the same student: what distillation costs per training step.
+
+    python benchmarks/kd_step.py [--seq-length 512 --micro-batch-size 4 --repeats 5]
+
+Measures, in one run on this machine (single rank; CPU here, the GPU when platform.py finds one):
+  CE step     student fwd+bwd with megatron's vocab-parallel CE            (the alpha=0 baseline)
+  teacher fwd the frozen teacher's forward alone (no grad)
+  KD step     DistillationModel: teacher fwd + student fwd+bwd + KD loss + CE (alpha=0.5)
+and prints median times with the ratios KD/CE and teacher/CE.
+"""
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+
+def main():
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-length", type=int, default=512)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_kd import distributed, platform
+    from megatron_kd.config import KDConfig, ModelConfig, ParallelConfig
+    from megatron_kd.data.packing import (document_attention_mask, document_ids_from_tokens,
+                                          position_ids_from_document_ids)
+    from megatron_kd.kd.distill_model import DistillationModel, freeze
+    from megatron_kd.models import build_model
+
+    distributed.init_distributed()
+    parallel = ParallelConfig()
+    distributed.init_model_parallel(parallel, seed=0)
+    s, b = args.seq_length, args.micro_batch_size
+    student_cfg = ModelConfig(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2,
+                              ffn_hidden_size=768)
+    teacher_cfg = ModelConfig(num_layers=8, hidden_size=384, num_attention_heads=6, num_query_groups=2,
+                              ffn_hidden_size=1152)
+    student = build_model(student_cfg, parallel, args.vocab, s)
+    teacher = freeze(build_model(teacher_cfg, parallel, args.vocab, s))
+    kd = DistillationModel(student, teacher, KDConfig(alpha=0.5, temperature=2.0), args.vocab,
+                           ps.get_tensor_model_parallel_group())
+    dev = platform.device()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, args.vocab, (b, s), generator=g)
+    tokens[torch.rand(b, s, generator=g) < 1 / 128] = 2
+    doc = document_ids_from_tokens(tokens, 2)
+    pos = position_ids_from_document_ids(doc, reset=False)
+    labels = torch.roll(tokens, -1, 1)
+    tokens, pos, labels, mask = (t.to(dev) for t in (tokens, pos, labels, document_attention_mask(doc)))
+
+    def ce_step():
+        student(tokens, pos, mask, labels=labels).mean().backward()
+
+    @torch.no_grad()
+    def teacher_fwd():
+        teacher(tokens, pos, mask)
+
+    def kd_step():
+        out = kd(tokens, pos, mask, labels=labels)  # [b, s, 2]: KD, CE per token
+        (0.5 * out[..., 0] + 0.5 * out[..., 1]).mean().backward()
+
+    def timed(fn):
+        times = []
+        for i in range(args.repeats + 1):
+            platform.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            platform.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+            student.zero_grad(set_to_none=True)
+        return statistics.median(times)
+
+    t_ce, t_teacher, t_kd = timed(ce_step), timed(teacher_fwd), timed(kd_step)
+    t_ce2 = timed(ce_step)
+    n_s = sum(p.numel() for p in student.parameters())
+    n_t = sum(p.numel() for p in teacher.parameters())
+    print(f"device={dev} tokens/step={b * s} vocab={args.vocab} student={n_s / 1e6:.1f}M "
+          f"teacher={n_t / 1e6:.1f}M params")
+    print(f"CE step (student fwd+bwd)   : {t_ce * 1e3:8.1f} ms (re-run {t_ce2 * 1e3:.1f} ms)")
+    print(f"teacher forward             : {t_teacher * 1e3:8.1f} ms   ratio teacher / CE = {t_teacher / t_ce:.2f}")
+    print(f"KD step (teacher + student) : {t_kd * 1e3:8.1f} ms   ratio KD / CE      = {t_kd / t_ce:.2f}")
+    print(f"KD overhead beyond teacher  : {(t_kd - t_ce - t_teacher) * 1e3:8.1f} ms "
+          f"({(t_kd - t_ce - t_teacher) / t_ce:.2f} x CE)")
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
