@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Logit knowledge distillation with long-context extension on megatron-core.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="tiny end-to-end run on the CPU: offline corpus -> tokenizer -> "
-                                    "indexed dataset -> phase-1 pre-training (a few minutes, 2 cores)")
+    d = sub.add_parser("demo", help="the paper pipeline, tiny, on the CPU: corpus -> tokenizer -> teacher -> "
+                                    "student phase 1 -> phase 2 with KD and with CE -> passkey retrieval table")
     d.add_argument("--run-dir", default="runs/demo", help="where the run goes (default: runs/demo)")
     d.add_argument("--train-iters", type=int, default=None, help="override the demo's step count")
     d.add_argument("--overwrite", action="store_true", help="replace an existing demo run directory")
