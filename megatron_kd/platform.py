@@ -349,7 +349,8 @@ def _cuda_type_names():
 def _patch_optimizer_type_checks() -> None:
     """The distributed optimizer (and the fp16/bf16 one) sort parameters by
     ``param.type() == 'torch.cuda.FloatTensor'`` etc. and reject anything else; on the CPU their
-    constructors run with CPU tensors reporting the CUDA type names (same dtype classes)."""
+    constructors run with CPU tensors reporting the CUDA type names (same dtype classes). Also
+    the distributed optimizer's checkpoint load with torch Adam (see below)."""
     from megatron.core.optimizer import distrib_optimizer, optimizer as optimizer_module
 
     for cls in (distrib_optimizer.DistributedOptimizer,
@@ -361,3 +362,26 @@ def _patch_optimizer_type_checks() -> None:
                 __orig(self, *args, **kwargs)
 
         cls.__init__ = functools.wraps(orig_init)(__init__)
+
+    # Without Apex/TE the distributed optimizer wraps torch.optim.Adam, whose per-parameter state
+    # holds 'step' besides exp_avg/exp_avg_sq. Two megatron-core 0.16 bugs on that path when a
+    # checkpoint is loaded: (1) DistributedOptimizer.load_state_dict gives every parameter the
+    # SAME step tensor, which torch Adam then increments once per parameter per step (wrong bias
+    # correction after a resume); (2) the param-state loaders skip 'step' (it comes from
+    # param_groups) but _set_main_param_and_optimizer_states copies every key of the destination
+    # state -> KeyError 'step'. Both are fixed here, per parameter, right after (1) happened.
+    DistOpt = distrib_optimizer.DistributedOptimizer
+    orig_set = DistOpt._set_main_param_and_optimizer_states
+
+    @functools.wraps(orig_set)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                state["step"] = state["step"].detach().clone()  # own tensor per parameter
+                tensors = {**tensors, "step": state["step"]}
+        return orig_set(self, model_param, tensors)
+
+    DistOpt._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states

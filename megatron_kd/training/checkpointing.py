@@ -134,6 +134,29 @@ def save_checkpoint(root, iteration: int, model_chunks, optimizer, scheduler,
     return final
 
 
+def _init_empty_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh (never stepped) DistributedOptimizer the state Adam's first step would create.
+
+    megatron-core 0.16 without Apex/TE (torch.optim.Adam/AdamW, the CPU case):
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` first calls ``state_dict()``,
+    which asserts that all parameters share one ``step`` and fails on an empty state (resume
+    into a new process). Zeros and ``step = 0`` are exactly torch Adam's lazy initialisation,
+    and the load then overwrites them.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(opt.optimizer, torch.optim.Adam):
+            continue
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    inner.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng: bool = True) -> dict:
     """Load into the given model chunks (and optimizer/scheduler/RNG when given).
 
@@ -147,6 +170,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng
     model_keys = list(state)
     same_layout = common.get("layout") == _layout()
     if optimizer is not None:
+        _init_empty_distributed_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=_optimizer_metadata(optimizer))
     restore_rng = load_rng and same_layout

@@ -47,14 +47,17 @@ def tail(text: str, n: int = 60) -> str:
 
 
 def run(cmd: list, expect_rc: int | None = 0, timeout: int = TIMEOUT, env=None):
-    """Run to completion; on an unexpected exit status fail with the child's output tail."""
+    """Run to completion; on an unexpected exit status fail with the child's output tail. On a
+    timeout the whole process group (torchrun and its ranks) is killed."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                           env=env or child_env(), start_new_session=True)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\nstdout:\n{tail(out)}\nstderr:\n{tail(err)}")
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if expect_rc is not None and p.returncode != expect_rc:
         pytest.fail(f"exit {p.returncode} (expected {expect_rc}): {' '.join(cmd)}\n"
                     f"stdout:\n{tail(p.stdout)}\nstderr:\n{tail(p.stderr)}")
