@@ -187,6 +187,12 @@ class KDConfig:
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     beta: float = 0.5  # jsd weight: 0 = forward KL, 1 = reverse KL
     top_k: Optional[int] = None  # distil on the teacher's global top-k only
+    # exact: logits formed by the output layer (kd/losses.py); fused: chunked linear + loss that
+    # never materialises [tokens, V/TP] (kd/fused.py); auto: fused from fused_min_tokens tokens
+    # per micro-batch (seq_length x micro_batch_size) on.
+    loss_impl: str = "auto"
+    fused_min_tokens: int = 8192
+    fused_chunk_size: Optional[int] = None  # tokens per chunk; None = ~16M logits per chunk
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -200,6 +206,10 @@ class KDConfig:
             raise ConfigError(f"kd.beta: expected a value in [0, 1], got {self.beta}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"kd.top_k: expected >= 1, got {self.top_k}")
+        if self.loss_impl not in ("auto", "exact", "fused"):
+            raise ConfigError(f"kd.loss_impl: expected auto|exact|fused, got {self.loss_impl!r}")
+        if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
+            raise ConfigError(f"kd.fused_chunk_size: expected >= 1, got {self.fused_chunk_size}")
 
 
 @dataclass

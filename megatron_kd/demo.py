@@ -40,6 +40,8 @@ PHASE2_DOC_TOKENS = (16, 128)
 EVAL_DISTANCES = (144, 176, 208, 240)
 EVAL_SAMPLES = 64
 HELDOUT_LM_SEQS = 32
+KEY_LEN = 1  # key tokens per passkey (chance = 1 / len(passkey.KEY_WORDS) ** KEY_LEN)
+TEACHER_LM_WEIGHT = 0.0  # teacher objective: answer-token CE + this x mean CE over all tokens
 
 
 def _stage(msg: str, t0: float) -> None:
@@ -61,19 +63,20 @@ def _training_passkey_doc(gen, n_tokens: int):
     return gen.passkey_doc(n_tokens, questions=gen.rng.randint(1, max(1, min(4, fit))))
 
 
-def _train(recipe: str, overrides: list, timings: dict, name: str):
+def _train(recipe: str, overrides: list, timings: dict, name: str, objective_factory=None):
     from megatron_kd.training.loop import train
 
     cfg = load_config(str(RECIPES / recipe), overrides)
     t = time.time()
-    state = train(cfg, overwrite=True)
+    state = train(cfg, overwrite=True, objective_factory=objective_factory)
     timings[name] = round(time.time() - t, 1)
     return cfg, state
 
 
 def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
              train_iters: Optional[int] = None, scale: float = 1.0,
-             eval_samples: int = EVAL_SAMPLES, log_interval: Optional[int] = None) -> dict:
+             eval_samples: int = EVAL_SAMPLES, log_interval: Optional[int] = None,
+             stop_after_teacher: bool = False) -> dict:
     """Run the whole pipeline into ``run_dir``; returns (and writes) ``demo_summary.json``.
 
     ``scale`` multiplies every stage's steps and the corpus sizes (the e2e test runs ~0.1);
@@ -110,10 +113,12 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
         if size > TOKENIZER_BYTES:
             break
         tok_texts.append(p)
-    tok_path = train_sentencepiece(tok_texts + passkey.template_texts(3000), VOCAB, data / "tokenizer")
+    # templates with 4-word keys: each key word frequent enough to become one BPE piece
+    tok_path = train_sentencepiece(tok_texts + passkey.template_texts(3000, key_len=4), VOCAB,
+                                   data / "tokenizer")
     tok = load_tokenizer(tok_path)
     passkey.check_tokenizer(tok)  # every key word is one token
-    gen = passkey.PasskeyGenerator(tok, paragraphs, seed=1)
+    gen = passkey.PasskeyGenerator(tok, paragraphs, seed=1, key_len=KEY_LEN)
     print(f"  tokenizer: {tok.vocab_size} BPE pieces; key words {', '.join(passkey.KEY_WORDS)} "
           f"are one token each; key = {gen.key_len} words (chance {len(passkey.KEY_WORDS) ** -gen.key_len:.3f})")
 
@@ -147,7 +152,10 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
 
     # ---------------------------------------------------------------- 2. teacher
     prev = None
-    teacher_runs = []
+    teacher_runs, teacher_stages = [], []
+    chance = len(passkey.KEY_WORDS) ** -gen.key_len
+    teacher_objective = passkey.AnswerObjective.factory(gen.question_ids(), gen.key_len, TEACHER_LM_WEIGHT)
+    gen_probe = passkey.PasskeyGenerator(tok, heldout, seed=11, key_len=KEY_LEN)
     for w, it, gbs in TEACHER_STAGES:
         run = root / "teacher" / f"len{w:04d}"
         _stage(f"2/5 teacher (theta=500k), curriculum stage seq_length={w}: {steps(it)} steps"
@@ -157,9 +165,23 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
                        f"train.global_batch_size={gbs}", f"train.micro_batch_size={gbs // 2}"]
         if prev is not None:
             ov += [f"checkpoint.load={prev}", "checkpoint.finetune=true"]
-        _train("demo_teacher.yaml", ov, timings, f"teacher_{w}")
+        tstate = _train("demo_teacher.yaml", ov, timings, f"teacher_{w}", objective_factory=teacher_objective)[1]
         prev = run
         teacher_runs.append(run)
+        # in-distribution probe of this stage: held-out w-token documents, random needle depth
+        t = time.time()
+        probe = {w: [gen_probe.passkey_doc(w - 1) for _ in range(eval_samples)]}
+        acc = passkey.evaluate_runs({run.name: run}, probe, [], tok.vocab_size, w)[run.name]["accuracy"][w]
+        timings[f"teacher_{w}_probe"] = round(time.time() - t, 1)
+        last = [a for _, a in tstate.history[-10:]]
+        teacher_stages.append({"seq_length": w, "steps": steps(it), "global_batch_size": gbs,
+                               "answer_loss_last10": sum(last) / max(len(last), 1),
+                               "heldout_exact_match": acc, "seconds": timings[f"teacher_{w}"]})
+        print(f"  teacher stage {w}: held-out exact match {acc:.2f} on {eval_samples} {w}-token "
+              f"documents (chance {chance:.3f}); answer loss (last 10 steps) "
+              f"{teacher_stages[-1]['answer_loss_last10']:.3f}", flush=True)
+    if stop_after_teacher:
+        return {"teacher_stages": teacher_stages, "seconds": timings | {"total": round(time.time() - t0, 1)}}
     teacher = prev
     teacher_seq = TEACHER_STAGES[-1][0]
 
@@ -189,14 +211,13 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
     _stage(f"5/5 eval: passkey at distances {list(EVAL_DISTANCES)} in unpacked {teacher_seq}-token "
            f"sequences (longest phase-2 document: {p2_max} tokens), held-out LM loss", t0)
     t = time.time()
-    egen = passkey.PasskeyGenerator(tok, heldout, seed=7)
+    egen = passkey.PasskeyGenerator(tok, heldout, seed=7, key_len=KEY_LEN)
     eval_set = passkey.build_eval_set(egen, teacher_seq, EVAL_DISTANCES, eval_samples)
     lm_ids = [tok.encode(egen.plain_doc(teacher_seq)) for _ in range(HELDOUT_LM_SEQS)]
     runs = {"teacher": teacher, "phase1 student": root / "phase1",
             "KD student": root / "phase2_kd", "CE student": root / "phase2_ce"}
     results = passkey.evaluate_runs(runs, eval_set, lm_ids, tok.vocab_size, teacher_seq)
     timings["eval"] = round(time.time() - t, 1)
-    chance = len(passkey.KEY_WORDS) ** -gen.key_len
     table = passkey.format_table(results, chance)
 
     eval_out = {
@@ -220,7 +241,7 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
         "run_dir": str(root.resolve()),
         "tokenizer": tok_path,
         "corpora": {k: {"docs": v["docs"], "tokens": v["tokens"]} for k, v in corpora.items()},
-        "teacher_stages": [str(r) for r in teacher_runs],
+        "teacher_stages": [{"run": str(r), **st} for r, st in zip(teacher_runs, teacher_stages)],
         "teacher_checkpoint": str((teacher / "checkpoints").resolve()),
         "phase1_loss_first_last": first_last(p1state),
         "phase2_kd_loss_first_last": first_last(states["phase2_kd"]),

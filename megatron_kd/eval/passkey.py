@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-KEY_WORDS = ("red", "blue", "green", "black", "white", "gold", "pink", "gray", "brown", "silver")
+KEY_WORDS = ("red", "blue", "green", "black", "white", "gold", "pink", "gray", "brown", "silver",
+             "orange", "purple", "yellow", "violet", "cyan", "navy")
 NEEDLE = "The pass key is {key}. Remember it."
 QUESTION = "What is the pass key? The pass key is"
 
@@ -36,7 +37,7 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def template_texts(n: int, seed: int = 0, key_len: int = 2) -> List[str]:
+def template_texts(n: int, seed: int = 0, key_len: int = 1) -> List[str]:
     """Needle + question sentences with random keys, for tokenizer training."""
     rng = random.Random(seed)
     out = []
@@ -84,7 +85,7 @@ class _Units:
 class PasskeyGenerator:
     """Builds passkey documents and plain-text chunks of exact token lengths from filler texts."""
 
-    def __init__(self, tokenizer, filler_texts: Sequence[str], seed: int = 0, key_len: int = 2):
+    def __init__(self, tokenizer, filler_texts: Sequence[str], seed: int = 0, key_len: int = 1):
         check_tokenizer(tokenizer)
         self.tok = tokenizer
         self.rng = random.Random(seed)
@@ -189,6 +190,10 @@ class PasskeyGenerator:
         assert len(ids) == n_tokens and ids[needle_pos:needle_pos + self.key_len] == key_ids
         assert ids[answer_pos:answer_pos + self.key_len] == key_ids
         return PasskeyDoc(text, ids, key, needle_pos, answer_pos, self.key_len)
+
+    def question_ids(self) -> List[int]:
+        """Token ids of the question prompt (the answer's key follows them)."""
+        return [i for x in self._template(QUESTION).ids for i in x]
 
     def plain_doc(self, n_tokens: int) -> str:
         """Real text of exactly ``n_tokens`` tokens."""
@@ -301,3 +306,85 @@ def format_table(results: dict, chance: Optional[float] = None) -> str:
         lines.append(str(d).ljust(10) + "".join(f"{results[n]['accuracy'][d]:.2f}".rjust(w) for n in names))
     lines.append("heldout LM".ljust(10) + "".join(f"{results[n]['heldout_loss']:.3f}".rjust(w) for n in names))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ teacher objective
+def answer_mask(tokens, question_ids: Sequence[int], key_len: int):
+    """``[b, s]`` float32: 1 at the positions whose *label* is an answer key token, i.e. the last
+    question token and the ``key_len - 1`` positions after it, for every complete occurrence of
+    ``question_ids`` in ``tokens`` (the needle's "The pass key is" is not preceded by the
+    question, so it is never marked)."""
+    import torch
+
+    b, s = tokens.shape
+    q = len(question_ids)
+    mask = torch.zeros(b, s, dtype=torch.float32, device=tokens.device)
+    if s < q:
+        return mask
+    qt = torch.tensor(list(question_ids), dtype=tokens.dtype, device=tokens.device)
+    ends = (tokens.unfold(1, q, 1) == qt).all(-1)  # [b, s - q + 1]: question starting at i
+    for k in range(key_len):
+        lo = q - 1 + k
+        if lo < s:
+            mask[:, lo:] = torch.maximum(mask[:, lo:], ends[:, :s - lo].float())
+    return mask
+
+
+class AnswerObjective:
+    """The demo teacher's objective: next-token CE on the passkey *answer* tokens (the key after
+    each "What is the pass key? The pass key is"), found in the batch by matching the question's
+    token ids; optionally plus ``lm_weight`` x the mean CE over every other token.
+
+    Plain next-token CE over whole passkey documents spends a few % of the loss on the key, and
+    a tiny model stays at chance on retrieval within a CPU budget (DESIGN.md §5); the loss on the
+    key alone, with a length curriculum, breaks the plateau. It plugs into
+    ``megatron_kd.training.loop.train(cfg, objective_factory=...)`` (same forward-step contract as
+    :class:`~megatron_kd.training.objective.CrossEntropyObjective`); the reduction is the sum over
+    answer tokens / their global count, as for every objective. Reports ``answer loss`` (the
+    objective), ``answer acc`` (fraction of answer tokens with p(key) > 1/2, a lower bound on
+    argmax accuracy) and ``lm loss`` (CE over all tokens, for monitoring).
+    """
+
+    name = "answer loss"
+
+    def __init__(self, device, question_ids: Sequence[int], key_len: int, lm_weight: float = 0.0):
+        self.device = device
+        self.question_ids = list(question_ids)
+        self.key_len = key_len
+        self.lm_weight = float(lm_weight)
+
+    @classmethod
+    def factory(cls, question_ids: Sequence[int], key_len: int, lm_weight: float = 0.0):
+        """An ``objective_factory(cfg, device)`` for :func:`megatron_kd.training.loop.train`."""
+        return lambda cfg, device: cls(device, question_ids, key_len, lm_weight)
+
+    def forward_step(self, data_iterator, model):
+        from functools import partial
+
+        from megatron_kd.models.attention import attention_mask
+        from megatron_kd.training.objective import batch_to_device
+
+        batch = batch_to_device(next(data_iterator), self.device)
+        output = model(batch["tokens"], batch["position_ids"], attention_mask(batch["document_ids"]),
+                       labels=batch["labels"])
+        answers = answer_mask(batch["tokens"], self.question_ids, self.key_len) * batch["loss_mask"]
+        return output, partial(self.loss_func, answers, batch["loss_mask"])
+
+    def loss_func(self, answers, loss_mask, output):
+        import math
+
+        import torch
+
+        from megatron_kd.training.objective import masked_sum_and_count
+
+        key_sum, key_count = masked_sum_and_count(output, answers)
+        lm_sum, lm_count = masked_sum_and_count(output, loss_mask)
+        loss = key_sum
+        if self.lm_weight:
+            # lm_weight x (mean CE over all tokens), expressed per answer token
+            loss = loss + self.lm_weight * lm_sum * (key_count.float() / lm_count.clamp(min=1).float())
+        hits = ((output.float() < math.log(2)).float() * answers).sum()
+        report = {self.name: torch.stack([key_sum.detach(), key_count.float()]),
+                  "answer acc": torch.stack([hits.detach(), key_count.float()]),
+                  "lm loss": torch.stack([lm_sum.detach(), lm_count.float()])}
+        return loss, key_count, report

@@ -5,7 +5,8 @@ Both see the same tokens, position ids and document mask. On stages before the l
 is ``cat([student_hidden, teacher_hidden], -1)`` -- ``[s, b, h_S + h_T]`` -- so megatron-core's
 p2p sends both in one tensor; the wrapper's ``config.hidden_size`` is ``h_S + h_T`` so the
 schedules (1F1B and interleaved) allocate that shape. On the last stage it returns the per-token
-``[b, s, 2]`` pair (KD, CE), reduced by the objective's loss function.
+``[b, s, 2]`` pair (KD, CE), reduced by the objective's loss function -- or, with the fused
+loss, the ``[2]`` (loss sum, token count) of the whole micro-batch.
 
 The teacher is frozen: ``requires_grad=False`` (so megatron DDP and the optimizer never see it),
 kept in eval mode whatever ``train()`` is called with, run under ``torch.no_grad``, and left out
@@ -19,6 +20,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_kd.kd.fused import fused_linear_kd_loss
 from megatron_kd.kd.losses import vocab_parallel_kd_loss
 
 
@@ -29,7 +31,7 @@ def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
 
 
 class DistillationModel(MegatronModule):
-    def __init__(self, student, teacher, kd_cfg, vocab_size: int, tp_group):
+    def __init__(self, student, teacher, kd_cfg, vocab_size: int, tp_group, fused: bool = False):
         config = copy.copy(student.config)
         # Only the p2p buffers read this: both hidden states travel in one tensor.
         config.hidden_size = student.config.hidden_size + teacher.config.hidden_size
@@ -42,6 +44,7 @@ class DistillationModel(MegatronModule):
         self.kd_cfg = kd_cfg
         self.vocab_size = vocab_size
         self.tp_group = tp_group
+        self.fused = fused
         self.student_hidden = student.config.hidden_size
         self.post_process = student.post_process
 
@@ -62,7 +65,9 @@ class DistillationModel(MegatronModule):
         self.teacher.set_input_tensor(input_tensor[..., h:].detach())  # [s, b, h_T]
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None, **kwargs):
+        if self.post_process and self.fused:
+            return self._fused_loss(input_ids, position_ids, attention_mask, labels, loss_mask, **kwargs)
         student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
         with torch.no_grad():
             teacher_out = self.teacher(input_ids, position_ids, attention_mask, **kwargs)
@@ -83,6 +88,23 @@ class DistillationModel(MegatronModule):
         else:
             ce = torch.zeros_like(kd)
         return torch.stack([kd, ce], dim=-1)  # [b, s, 2]
+
+    def _fused_loss(self, input_ids, position_ids, attention_mask, labels, loss_mask, **kwargs):
+        """Last stage, fused: final hidden states + output weights -> (loss sum, token count),
+        chunk by chunk, never forming the [tokens, V/TP] logits (kd/fused.py)."""
+        hs = self.student.forward_hidden(input_ids, position_ids, attention_mask, **kwargs)  # [s, b, h_S]
+        with torch.no_grad():
+            ht = self.teacher.forward_hidden(input_ids, position_ids, attention_mask, **kwargs)  # [s, b, h_T]
+        k = self.kd_cfg
+        # tokens in [s, b] order, like the hidden states
+        loss_sum, count = fused_linear_kd_loss(
+            hs.reshape(-1, hs.shape[-1]), self.student.output_weight(),
+            ht.reshape(-1, ht.shape[-1]), self.teacher.output_weight(),
+            labels=labels.transpose(0, 1).reshape(-1), loss_mask=loss_mask.transpose(0, 1).reshape(-1),
+            alpha=k.alpha, tp_group=self.tp_group, vocab_size=self.vocab_size,
+            temperature=k.temperature, scale_by_t_squared=k.scale_by_t_squared,
+            divergence=k.divergence, beta=k.beta, top_k=k.top_k, chunk_size=k.fused_chunk_size)
+        return torch.stack([loss_sum, count.to(loss_sum.dtype)])  # [2]: what the objective reduces
 
     def train(self, mode: bool = True):
         super().train(mode)

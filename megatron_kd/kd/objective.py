@@ -22,10 +22,13 @@ class DistillationObjective:
     def forward_step(self, data_iterator, model):
         batch = batch_to_device(next(data_iterator), self.device)
         output = model(batch["tokens"], batch["position_ids"], attention_mask(batch["document_ids"]),
-                       labels=batch["labels"])
+                       labels=batch["labels"], loss_mask=batch["loss_mask"])
         return output, partial(self.loss_func, batch["loss_mask"])
 
     def loss_func(self, loss_mask, output):
+        if output.dim() == 1:  # fused: [loss sum, token count] of the micro-batch, already masked
+            loss_sum, n = output[0], output[1].detach()
+            return loss_sum, n.to(torch.int), {"loss": torch.stack([loss_sum.detach(), n])}
         kd, ce = output[..., 0], output[..., 1]  # [b, s] each
         loss_sum, count = kd_objective_loss(kd, ce, loss_mask, self.alpha)
         kd_sum, _ = masked_sum_and_count(kd.detach(), loss_mask)

@@ -17,6 +17,27 @@ class PositionIdGPTModel(GPTModel):
     #: position ids the last forward actually rotated with ([b, s]); kept so tests can check
     #: what each token received after packing and pipeline hand-off. A reference, not a copy.
     applied_position_ids = None
+    _return_hidden = False
+
+    def forward_hidden(self, *args, **kwargs):
+        """Final hidden states ``[s, b, h]`` (after the final norm) instead of logits, for losses
+        that apply the output layer themselves (kd/fused.py) and never form [tokens, V/TP]."""
+        self._return_hidden = True
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            self._return_hidden = False
+
+    def output_weight(self):
+        """The output layer's weight shard ``[V_pad/TP, h]`` (the embedding when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if self._return_hidden:
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))

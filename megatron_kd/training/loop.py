@@ -52,8 +52,17 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
 
         teachers = build_teacher_chunks(cfg, vocab_size)
         tp_group = ps.get_tensor_model_parallel_group()
-        chunks = [DistillationModel(s, t, cfg.kd, vocab_size, tp_group) for s, t in zip(chunks, teachers)]
+        fused = use_fused_loss(cfg)
+        chunks = [DistillationModel(s, t, cfg.kd, vocab_size, tp_group, fused=fused)
+                  for s, t in zip(chunks, teachers)]
     return chunks
+
+
+def use_fused_loss(cfg: RunConfig) -> bool:
+    """kd.loss_impl, with 'auto' = fused from kd.fused_min_tokens tokens per micro-batch on."""
+    if cfg.kd.loss_impl != "auto":
+        return cfg.kd.loss_impl == "fused"
+    return cfg.data.seq_length * cfg.train.micro_batch_size >= cfg.kd.fused_min_tokens
 
 
 def default_objective(cfg: RunConfig, device):
@@ -261,8 +270,8 @@ class Trainer:
                 val = self.evaluate()
                 if val is not None:
                     st.valid_history.append((st.iteration, val))
-                    self.metrics.log(st.iteration, {**val, "lm ppl": math.exp(min(val["lm loss"], 50))},
-                                     prefix="valid")
+                    ppl = {"lm ppl": math.exp(min(val["lm loss"], 50))} if "lm loss" in val else {}
+                    self.metrics.log(st.iteration, {**val, **ppl}, prefix="valid")
             if save_interval and st.iteration % save_interval == 0:
                 self.save()
                 last_saved = st.iteration

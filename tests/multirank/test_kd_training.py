@@ -41,7 +41,10 @@ def kd_runs(tiny_recipe, tmp_path_factory):
               f"teacher.load={out['teacher']}", *TEACHER, *KD]
     for name, nproc, extra in (("tp1", 1, []), ("tp2", 2, ["parallel.tensor_model_parallel_size=2"]),
                                ("pp2", 2, ["parallel.pipeline_model_parallel_size=2"]),
-                               ("dp2", 2, [])):
+                               ("dp2", 2, []),
+                               # the chunked fused loss (kd/fused.py) in the training path
+                               ("tp2_fused", 2, ["parallel.tensor_model_parallel_size=2",
+                                                 "kd.loss_impl=fused", "kd.fused_chunk_size=37"])):
         out[name] = root / name
         mr.train(tiny_recipe, out[name], nproc, common + extra)
     out["ce"] = root / "ce"
@@ -51,8 +54,8 @@ def kd_runs(tiny_recipe, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "dp2"])
-@pytest.mark.parametrize("key", ["loss", "kd loss", "lm loss"])
+@pytest.mark.parametrize("name, key", [(n, k) for n in ("tp2", "pp2", "dp2") for k in ("loss", "kd loss", "lm loss")]
+                         + [("tp2_fused", "loss")])
 def test_kd_curve_matches_single_rank(kd_runs, name, key):
     ref = dict(mr.metrics(kd_runs["tp1"], "train", key))
     got = dict(mr.metrics(kd_runs[name], "train", key))
