@@ -16,7 +16,7 @@ import pytest
 
 import multirank_util as mr
 
-TEACHER = ["teacher.num_layers=2", "teacher.hidden_size=96", "teacher.num_attention_heads=4",
+TEACHER = ["teacher.num_layers=4", "teacher.hidden_size=96", "teacher.num_attention_heads=4",
            "teacher.num_query_groups=2", "teacher.ffn_hidden_size=192",
            "teacher.make_vocab_size_divisible_by=128", "teacher.rotary_base=500000"]
 STEPS = 3
@@ -42,6 +42,9 @@ def kd_runs(tiny_recipe, tmp_path_factory):
     for name, nproc, extra in (("tp1", 1, []), ("tp2", 2, ["parallel.tensor_model_parallel_size=2"]),
                                ("pp2", 2, ["parallel.pipeline_model_parallel_size=2"]),
                                ("dp2", 2, []),
+                               # interleaved schedule: both models split into 2 x 2 chunks
+                               ("pp2_vp2", 2, ["parallel.pipeline_model_parallel_size=2",
+                                               "parallel.virtual_pipeline_model_parallel_size=2"]),
                                # the chunked fused loss (kd/fused.py) in the training path
                                ("tp2_fused", 2, ["parallel.tensor_model_parallel_size=2",
                                                  "kd.loss_impl=fused", "kd.fused_chunk_size=37"])):
@@ -54,7 +57,7 @@ def kd_runs(tiny_recipe, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name, key", [(n, k) for n in ("tp2", "pp2", "dp2") for k in ("loss", "kd loss", "lm loss")]
+@pytest.mark.parametrize("name, key", [(n, k) for n in ("tp2", "pp2", "dp2", "pp2_vp2") for k in ("loss", "kd loss", "lm loss")]
                          + [("tp2_fused", "loss")])
 def test_kd_curve_matches_single_rank(kd_runs, name, key):
     ref = dict(mr.metrics(kd_runs["tp1"], "train", key))
