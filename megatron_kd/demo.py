@@ -4,8 +4,13 @@
    passkey documents (:mod:`megatron_kd.eval.passkey`) as the retrieval target; one sentencepiece
    BPE trained on paragraphs + passkey templates (every key word one token); four indexed datasets.
 2. teacher: RoPE theta = 500k, trained in the demo on windows of passkey documents with a length
-   curriculum 32 -> 64 -> 128 -> 256 (each stage loads the previous stage's weights).
-3. student phase 1: 64 tokens, theta = 10k, packed paragraphs + short passkey documents.
+   curriculum 32 -> 64 -> 128 -> 256 (each stage loads the previous stage's weights), with its own
+   objective (:class:`megatron_kd.eval.passkey.AnswerObjective`, passed as ``objective_factory``):
+   mean CE on the answer key tokens + ``TEACHER_LM_WEIGHT`` x mean CE over all tokens (plain CE
+   over whole documents left every model at chance). Each stage is probed on held-out documents of
+   its own length.
+3. student phase 1: 64 tokens, theta = 10k, packed paragraphs + short passkey documents; plain CE
+   (phase 1 and phase 2 use the project's own objectives, untouched).
 4. student phase 2, twice from the phase-1 weights: 256-token windows of packed short documents
    (16-128 tokens), global positions, theta = 500k; once with KD from the teacher, once CE only.
 5. eval: passkey exact match on held-out unpacked 256-token sequences at needle->question
@@ -41,7 +46,7 @@ EVAL_DISTANCES = (144, 176, 208, 240)
 EVAL_SAMPLES = 64
 HELDOUT_LM_SEQS = 32
 KEY_LEN = 1  # key tokens per passkey (chance = 1 / len(passkey.KEY_WORDS) ** KEY_LEN)
-TEACHER_LM_WEIGHT = 0.0  # teacher objective: answer-token CE + this x mean CE over all tokens
+TEACHER_LM_WEIGHT = 1.0  # teacher objective: answer-token CE + this x mean CE over all tokens
 
 
 def _stage(msg: str, t0: float) -> None:
@@ -120,7 +125,7 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
     passkey.check_tokenizer(tok)  # every key word is one token
     gen = passkey.PasskeyGenerator(tok, paragraphs, seed=1, key_len=KEY_LEN)
     print(f"  tokenizer: {tok.vocab_size} BPE pieces; key words {', '.join(passkey.KEY_WORDS)} "
-          f"are one token each; key = {gen.key_len} words (chance {len(passkey.KEY_WORDS) ** -gen.key_len:.3f})")
+          f"are one token each; key = {gen.key_len} word(s) (chance {len(passkey.KEY_WORDS) ** -gen.key_len:.3f})")
 
     corpora = {}
     n_teacher = {w: count(it * gbs * 1.1) for w, it, gbs in TEACHER_STAGES}

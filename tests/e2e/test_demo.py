@@ -3,7 +3,11 @@
 Checks properties of the run, not numbers of a tiny training: every stage's run directory and
 checkpoint exist; the summary holds an accuracy in [0, 1] for every model and distance; phase 2
 starts from the phase-1 weights; the KD run logs its KD loss and the CE run never builds a teacher;
-the teacher's parameters are bit-identical after the KD run and its checkpoint is untouched.
+the teacher's parameters are bit-identical after the KD run and its checkpoint is untouched; the
+teacher stages train on the answer-token objective and each is probed; the answer mask marks
+exactly the answer keys. That the teacher beats chance is not asserted here: at this scale its
+first stage runs 12 steps (inside the LR warm-up); the full demo's per-stage numbers are in the
+README.
 """
 from __future__ import annotations
 
@@ -115,3 +119,49 @@ def test_teacher_unchanged_by_kd(demo):
             assert torch.equal(now[k], snap[k]), k
         assert not any(p.requires_grad for p in chunk.parameters())
     assert _hash_dir(ckpt) == ckpt_hash
+
+
+def test_answer_mask_marks_only_the_answer_key():
+    """The teacher objective's loss mask: the label positions of the key after each question,
+    never the needle's key (same "The pass key is" prefix, no question before it)."""
+    from megatron_kd.eval.passkey import answer_mask
+
+    q = [7, 8, 9]  # question ids; key tokens follow
+    tokens = torch.tensor([[1, 8, 9, 40, 7, 8, 9, 41, 42, 7, 8, 9, 43, 7, 8],
+                           [7, 8, 9, 44, 45, 3, 3, 3, 3, 3, 3, 3, 3, 7, 8]])
+    # label at position p is tokens[p + 1]: the key follows the question's last token
+    m1 = answer_mask(tokens, q, key_len=1)
+    assert m1[0].nonzero().flatten().tolist() == [6, 11]
+    assert m1[1].nonzero().flatten().tolist() == [2]
+    m2 = answer_mask(tokens, q, key_len=2)
+    assert m2[0].nonzero().flatten().tolist() == [6, 7, 11, 12]
+    assert m2[1].nonzero().flatten().tolist() == [2, 3]
+
+
+def test_answer_mask_on_demo_passkey_documents(demo):
+    """On real passkey documents under the demo's tokenizer: one marked position per question,
+    each predicting a key token, the first at the scored answer; the needle is not marked."""
+    from megatron_kd.data import load_tokenizer
+    from megatron_kd.eval.passkey import PasskeyGenerator, answer_mask
+
+    _, summary, _ = demo
+    tok = load_tokenizer(summary["tokenizer"])
+    filler = ["The river flows north through the valley and the town was founded in the year of the flood."]
+    gen = PasskeyGenerator(tok, filler, seed=3)
+    for questions in (1, 3):
+        doc = gen.passkey_doc(120, questions=questions)
+        ids = torch.tensor([doc.ids])
+        marked = answer_mask(ids, gen.question_ids(), gen.key_len)[0].nonzero().flatten().tolist()
+        assert len(marked) == questions * gen.key_len
+        assert marked[0] == doc.answer_pos - 1 and doc.needle_pos - 1 not in marked
+        assert all(doc.ids[p + 1] == doc.ids[doc.answer_pos] for p in marked)
+
+
+def test_teacher_stages_use_the_answer_objective_and_are_probed(demo):
+    root, summary, _ = demo
+    stages = summary["teacher_stages"]
+    assert [st["seq_length"] for st in stages] == [w for w, _, _ in TEACHER_STAGES]
+    for st in stages:
+        assert 0.0 <= st["heldout_exact_match"] <= 1.0
+        train = [m for m in _metrics(Path(st["run"])) if m["split"] == "train"]
+        assert train and all("answer loss" in m and "lm loss" in m for m in train), st["run"]
