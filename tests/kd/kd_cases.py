@@ -199,3 +199,28 @@ def forbid_parallel_state_getters(patch) -> None:
                      "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_group_if_none"):
             if hasattr(module, name):
                 patch(module, name, boom)
+
+
+def launch_worker(worker, tp: int) -> dict:
+    """Run ``worker`` under torchrun with ``tp`` gloo ranks; its RESULT line's ``cases``."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}",
+           "--master-addr=127.0.0.1", f"--master-port={port}", str(worker)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(str(worker)))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads(lines[0][len("RESULT "):])
+    assert out["tp"] == tp
+    return out["cases"]

@@ -27,11 +27,6 @@ tests running); TP=1 in process ~10 s, each torchrun launch mostly importing meg
 processes (~27 s of the TP=4 launch under that load).
 """
 import functools
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -59,12 +54,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @functools.lru_cache(maxsize=None)
 def results(tp: int) -> dict:
     """{case: {metric: max over ranks}} for one TP size."""
@@ -72,18 +61,7 @@ def results(tp: int) -> dict:
         with pytest.MonkeyPatch.context() as mp:
             kd_cases.forbid_parallel_state_getters(mp.setattr)
             return fused_worker.run_all(None, 0, 1)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(WORKER)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=WORKER.parent)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    out = json.loads(lines[0][len("RESULT "):])
-    assert out["tp"] == tp
-    return out["cases"]
+    return kd_cases.launch_worker(WORKER, tp)
 
 
 def _bad(res: dict, prefixes, tol: float, metrics=None) -> dict:

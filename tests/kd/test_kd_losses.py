@@ -14,12 +14,7 @@ gradient is returned in bf16: rounding <= 2**-8 relative). Padded ids get exactl
 Runtime ~37 s on 2 cores (TP=1 in process ~2 s; each torchrun launch ~15 s).
 """
 import functools
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,12 +29,6 @@ BF16_LOSS_TOL = 1e-5
 BF16_GRAD_TOL = 8e-3  # two bf16 ulps (2**-8 each) relative to the largest gradient entry
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @functools.lru_cache(maxsize=None)
 def results(tp: int) -> dict:
     """{case: {metric: max over ranks of the relative error}} for one TP size."""
@@ -47,18 +36,7 @@ def results(tp: int) -> dict:
         with pytest.MonkeyPatch.context() as mp:
             kd_cases.forbid_parallel_state_getters(mp.setattr)
             return kd_cases.run_all(None, 0, 1)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(WORKER)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=WORKER.parent)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    out = json.loads(lines[0][len("RESULT "):])
-    assert out["tp"] == tp
-    return out["cases"]
+    return kd_cases.launch_worker(WORKER, tp)
 
 
 def _worst(res: dict, prefix: str, metric: str) -> float:

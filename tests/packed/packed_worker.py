@@ -5,8 +5,6 @@ that document alone, with position ids starting at its global offset in the wind
 with reset_position_ids). Run at the given TP size with the local (dense document mask) backend.
 """
 import json
-import os
-import sys
 
 import torch
 
