@@ -6,6 +6,8 @@ teacher/student vocabulary check do not care which library made the tokenizer.
 """
 from __future__ import annotations
 
+import abc
+
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +23,7 @@ BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 MAX_TRAIN_BYTES = 10 * 1024 * 1024
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface; ``vocab_size`` is the true size (megatron pads it later)."""
 
     path: str
@@ -29,11 +31,13 @@ class Tokenizer:
     eos_id: int
     bos_id: Optional[int]
 
+    @abc.abstractmethod
     def encode(self, text: str) -> List[int]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
