@@ -53,6 +53,12 @@ def batch_p2p_comm() -> bool:
     return backend() != "gloo"
 
 
+def initialize_weights_on_cpu() -> bool:
+    """megatron's use_cpu_initialization: on the CPU each weight is drawn whole and sliced (the
+    same full weights at every TP size); on the GPU megatron initialises each shard in place."""
+    return not cuda_available()
+
+
 def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 

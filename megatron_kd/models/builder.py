@@ -44,9 +44,7 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
-        # Same full weights at every TP size (initialised whole, then sliced) on the CPU; on
-        # GPU megatron initialises each shard in place.
-        use_cpu_initialization=not platform.cuda_available(),
+        use_cpu_initialization=platform.initialize_weights_on_cpu(),
         # Fused kernels are CUDA-only; their unfused twins compute the same thing.
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
