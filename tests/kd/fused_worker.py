@@ -17,7 +17,6 @@ TP getters raise, and at TP=4 the world is also split into two TP=2 groups holdi
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import torch
@@ -196,15 +195,7 @@ def main():
         for name, case in SUBGROUP_CASES:
             results[f"subgroup/{name}"] = run_case(case, pairs[pair], rank % 2, 2, seed=10 + pair)
 
-    keys = sorted((case, metric) for case, metrics in results.items() for metric in metrics)
-    worst = torch.tensor([float(results[c][m]) for c, m in keys], dtype=torch.float64)
-    worst = torch.nan_to_num(worst, nan=math.inf)  # a nan must not vanish in the MAX
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        out = {}
-        for (case, metric), value in zip(keys, worst.tolist()):
-            out.setdefault(case, {})[metric] = value
-        print("RESULT " + json.dumps({"tp": world, "cases": out}), flush=True)
+    kd_cases.print_worst(results, rank, world)
     dist.destroy_process_group()
 
 

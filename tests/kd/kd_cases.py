@@ -224,3 +224,20 @@ def launch_worker(worker, tp: int) -> dict:
     out = json.loads(lines[0][len("RESULT "):])
     assert out["tp"] == tp
     return out["cases"]
+
+
+def print_worst(results: dict, rank: int, world: int) -> None:
+    """Max of every {case: {metric: value}} over all ranks; rank 0 prints the RESULT line."""
+    import json
+
+    import torch.distributed as dist
+
+    keys = sorted((case, metric) for case, metrics in results.items() for metric in metrics)
+    worst = torch.tensor([float(results[c][m]) for c, m in keys], dtype=torch.float64)
+    worst = torch.nan_to_num(worst, nan=math.inf)  # a nan must not vanish in the MAX
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        out = {}
+        for (case, metric), value in zip(keys, worst.tolist()):
+            out.setdefault(case, {})[metric] = value
+        print("RESULT " + json.dumps({"tp": world, "cases": out}), flush=True)

@@ -6,9 +6,7 @@ groups {0,1} and {2,3} holding *different* data, so a loss that reduced over the
 (e.g. the default/world group) would fail. Errors are max-reduced over ranks; rank 0 prints one
 ``RESULT {json}`` line.
 """
-import json
 
-import torch
 import torch.distributed as dist
 
 import kd_cases
@@ -33,14 +31,7 @@ def main():
         for name, case in SUBGROUP_CASES:
             results[f"subgroup/{name}"] = kd_cases.run_case(case, pairs[pair], rank % 2, 2, seed=10 + pair)
 
-    keys = sorted((case, metric) for case, metrics in results.items() for metric in metrics)
-    worst = torch.tensor([float(results[c][m]) for c, m in keys], dtype=torch.float64)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        out = {}
-        for (case, metric), value in zip(keys, worst.tolist()):
-            out.setdefault(case, {})[metric] = value
-        print("RESULT " + json.dumps({"tp": world, "cases": out}), flush=True)
+    kd_cases.print_worst(results, rank, world)
     dist.destroy_process_group()
 
 
