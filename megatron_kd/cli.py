@@ -30,6 +30,18 @@ def _preprocess(args, rest) -> int:
     return preprocess_main(rest)
 
 
+def _analyze(args) -> int:
+    from megatron_kd.analysis import commands
+
+    return commands.run(args)
+
+
+def _add_analyze_parser(sub) -> None:
+    from megatron_kd.analysis.commands import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-kd",
@@ -51,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in checkpoint.save from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true",
                    help="replace whatever checkpoint.save holds")
+
+    _add_analyze_parser(sub)
 
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
@@ -89,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _train(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "analyze":
+            return _analyze(args)
         return _preprocess(args, rest)
     except Exception as e:
         if not isinstance(e, _input_errors()):

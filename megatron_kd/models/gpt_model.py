@@ -8,6 +8,7 @@ rotate with the same positions as the first.
 """
 from __future__ import annotations
 
+import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_kd.models.positions import rotary_emb_from_positions
@@ -18,6 +19,9 @@ class PositionIdGPTModel(GPTModel):
     #: what each token received after packing and pipeline hand-off. A reference, not a copy.
     applied_position_ids = None
     _return_hidden = False
+    #: dtype of the RoPE angle computation (position x inverse frequency); the analysis audit
+    #: sets float64 on an instance to measure what fp32 angles cost.
+    rotary_angle_dtype = torch.float32
 
     def forward_hidden(self, *args, **kwargs):
         """Final hidden states ``[s, b, h]`` (after the final norm) instead of logits, for losses
@@ -47,7 +51,8 @@ class PositionIdGPTModel(GPTModel):
             and out[1] is not None  # rotary_pos_emb slot; None under flash-decode inference
         ):
             out[1] = rotary_emb_from_positions(
-                self.rotary_pos_emb.inv_freq, position_ids, self.rotary_pos_emb.rotary_interleaved
+                self.rotary_pos_emb.inv_freq, position_ids, self.rotary_pos_emb.rotary_interleaved,
+                dtype=self.rotary_angle_dtype,
             )
             self.applied_position_ids = position_ids
         return tuple(out)

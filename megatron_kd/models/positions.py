@@ -11,14 +11,16 @@ import torch
 from torch import Tensor
 
 
-def rotary_emb_from_positions(inv_freq: Tensor, position_ids: Tensor, interleaved: bool = False) -> Tensor:
+def rotary_emb_from_positions(inv_freq: Tensor, position_ids: Tensor, interleaved: bool = False,
+                              dtype: torch.dtype = torch.float32) -> Tensor:
     """Angles for megatron's ``apply_rotary_pos_emb``.
 
     inv_freq: [d/2]; position_ids: [b, s] -> [s, b, 1, d] (megatron's default layout is
     [s, 1, 1, d]; a per-sample b axis broadcasts the same way over heads).
-    Angles are computed in fp32: at 128k positions bf16 would lose the low-frequency terms.
+    Angles are computed in fp32 (``dtype``): at 128k positions bf16 would lose the low-frequency
+    terms; float64 is the exact reference of the position-dependence audit (megatron_kd/analysis).
     """
-    freqs = position_ids.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # [b, s, d/2]
+    freqs = position_ids.to(dtype)[..., None] * inv_freq.to(dtype)  # [b, s, d/2]
     if interleaved:
         emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
     else:
