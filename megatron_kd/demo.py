@@ -16,6 +16,9 @@
 5. eval: passkey exact match on held-out unpacked 256-token sequences at needle->question
    distances longer than any phase-2 document, and held-out LM loss; table + JSON (+ PNG when
    matplotlib is installed) in the run directory.
+6. analysis (:mod:`megatron_kd.analysis.demo_figures`): the paper's perturbation figures and the
+   position-dependence audit for the teacher and both students, and the query evolution
+   phase 1 -> phase 2, in ``<run>/analysis``.
 """
 from __future__ import annotations
 
@@ -239,6 +242,19 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
     (root / "eval" / "passkey.json").write_text(json.dumps(eval_out, indent=2))
     png = _plot(results, root / "eval" / "passkey.png", chance)
 
+    # ---------------------------------------------------------------- analysis (docs/analysis.md)
+    _stage("analysis: perturbation probe + position audit (teacher, students), query evolution "
+           "phase 1 -> phase 2", t0)
+    from megatron_kd.analysis.demo_figures import write_demo_analysis
+
+    t = time.time()
+    analysis = write_demo_analysis(root, {"teacher": teacher, "kd_student": root / "phase2_kd",
+                                          "ce_student": root / "phase2_ce"},
+                                   {"evolution_kd": (root / "phase1", root / "phase2_kd"),
+                                    "evolution_ce": (root / "phase1", root / "phase2_ce")})
+    timings["analysis"] = round(time.time() - t, 1)
+    print(f"  figures and audit tables in {root / 'analysis'} ({timings['analysis']} s)", flush=True)
+
     def first_last(state):
         return (state.history[0][1], state.history[-1][1]) if state.history else (None, None)
 
@@ -254,6 +270,7 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
         "kd_alpha": kd_alpha,
         "eval": eval_out,
         "eval_png": str(png) if png else None,
+        "analysis": str(root / "analysis" / "analysis_summary.json"),
         "seconds": timings | {"total": round(time.time() - t0, 1)},
     }
     (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))

@@ -165,3 +165,21 @@ def test_teacher_stages_use_the_answer_objective_and_are_probed(demo):
         assert 0.0 <= st["heldout_exact_match"] <= 1.0
         train = [m for m in _metrics(Path(st["run"])) if m["split"] == "train"]
         assert train and all("answer loss" in m and "lm loss" in m for m in train), st["run"]
+
+
+def test_analysis_figures_written(demo):
+    """docs/analysis.md: the demo writes the perturbation figures + audit for teacher and students
+    and the phase 1 -> phase 2 query evolution (Figures 7-12) into <run>/analysis."""
+    root, summary, _ = demo
+    out = root / "analysis"
+    for label in ("teacher", "kd_student", "ce_student"):
+        for f in ("fig7_distance.png", "fig8_cosine.png", "fig9_per_layer.png", "fig10_top10.png",
+                  "audit.png", "audit.txt", "perturbation.json"):
+            assert (out / f"{label}_{f}").is_file(), f"{label}_{f}"
+        doc = json.loads((out / f"{label}_perturbation.json").read_text())
+        assert set(doc["metrics"]) == {"causal", "document"}
+    for label in ("evolution_kd", "evolution_ce"):
+        ev = json.loads((out / f"{label}.json").read_text())
+        assert ev["rotary_base_before"] == 10000 and ev["rotary_base_after"] == 500000
+        assert (out / f"{label}_fig11_by_frequency.png").is_file()
+    assert summary["analysis"] == str(out / "analysis_summary.json")
