@@ -109,13 +109,14 @@ def evolution_figures(out_dir: Path, label: str, ev: dict) -> dict:
     ax.set_xlabel("RoPE frequency index i (high i = low frequency)")
     ax.set_ylabel("||q_after - q_before|| (pre-RoPE)")
     ax.set_title(f"{label}: query change by dimension pair")
-    top = ax.secondary_xaxis("top", functions=(lambda i: i, lambda i: i))
     n = per_freq.shape[1]
     ticks = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})
-    top.set_ticks(ticks)
     wl = ev["wavelength_after"]
-    top.set_ticklabels([f"{wl[t]:.0f}" for t in ticks], fontsize=7)
-    top.set_xlabel(f"wavelength 2π/θ_i (θ={ev['rotary_base_after']:g})", fontsize=8)
+    top = ax.twiny()
+    top.set_xlim(ax.get_xlim())
+    top.set_xticks(ticks)
+    top.set_xticklabels([f"{wl[t]:.3g}" for t in ticks], fontsize=7)
+    top.set_xlabel(f"wavelength 2π/θ_i in tokens (base {ev['rotary_base_after']:g})", fontsize=8)
     ax.legend(fontsize=7)
     paths["fig11"] = _save(fig, out_dir / f"{label}_fig11_by_frequency.png")
 

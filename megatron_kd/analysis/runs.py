@@ -48,10 +48,12 @@ def read_run(path, flag: str = "--checkpoint") -> Run:
 def load_chunks(run: Run, parallel_cfg) -> Run:
     """Build this rank's chunk for ``parallel_cfg`` and load the run's weights (eval mode).
     Model parallel state must already be initialised for ``parallel_cfg``."""
+    from megatron_kd import platform
     from megatron_kd.models import build_model
     from megatron_kd.training import checkpointing
 
     model = build_model(run.cfg.model, parallel_cfg, run.vocab_size, run.cfg.data.seq_length)
+    model.config.batch_p2p_comm = platform.batch_p2p_comm()  # as the training loop (gloo: unbatched)
     checkpointing.load_model_weights(run.path / "checkpoints", [model])
     model.eval()
     run.chunks = [model]
