@@ -21,14 +21,8 @@ def _out_dir(args, default: Path) -> Path:
 def _parallel(args):
     from megatron_kd.config import ParallelConfig
 
-    cfg = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                         sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1)
-    length = args.block_tokens * args.repeats
-    if cfg.sequence_parallel and length % cfg.tensor_model_parallel_size:
-        raise ConfigError(f"--sequence-parallel: the probe's {length} tokens are not divisible by "
-                          f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size}")
-    return cfg
+    return ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                          pipeline_model_parallel_size=args.pipeline_model_parallel_size)
 
 
 def _check_world(parallel_cfg, world: int):
@@ -138,8 +132,6 @@ def add_parser(sub) -> None:
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.add_argument("--tensor-model-parallel-size", type=int, default=1)
         p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-        p.add_argument("--sequence-parallel", action="store_true",
-                       help="megatron's sequence parallelism (with TP > 1)")
 
     p = tools.add_parser("perturbation", help="repeated-block probe: query distances, cosines, top-10, "
                                               "KL audit, both masks (Figures 7-10)")

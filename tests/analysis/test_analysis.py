@@ -64,12 +64,11 @@ def runs(tmp_path_factory):
 
 
 @functools.lru_cache(maxsize=None)
-def _perturbation(run: str, tp: int = 1, pp: int = 1, settings: str = "", sp: bool = False) -> Path:
-    out = Path(run).parent / f"pert_tp{tp}_pp{pp}_sp{int(sp)}"
+def _perturbation(run: str, tp: int = 1, pp: int = 1, settings: str = "") -> Path:
+    out = Path(run).parent / f"pert_tp{tp}_pp{pp}"
     args = ["analyze", "perturbation", "--checkpoint", run, "--block-tokens", str(BLOCK),
             "--repeats", str(REPEATS), "--out", str(out), "--tensor-model-parallel-size", str(tp),
-            "--pipeline-model-parallel-size", str(pp)] + (["--settings", settings] if settings else []) \
-        + (["--sequence-parallel"] if sp else [])
+            "--pipeline-model-parallel-size", str(pp)] + (["--settings", settings] if settings else [])
     _run(args, nproc=tp * pp)
     return out
 
@@ -107,12 +106,11 @@ def test_perturbation_probe_and_audit(runs):
     assert len(f32["output"]["first_top_ranks"]) == REPEATS and f32["output"]["first_top_ranks"][0] == list(range(10))
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (2, 1, True), (1, 2, False)])
-def test_parallel_capture_equals_single_rank(runs, tp, pp, sp):
-    """TP: heads and vocab gathered; SP: sequence-sharded rows summed from their owner; PP: each
-    stage's layers merged on rank 0."""
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_capture_equals_single_rank(runs, tp, pp):
+    """TP: heads and vocab gathered over the TP group; PP: each stage's layers merged on rank 0."""
     ref = np.load(_perturbation(str(runs["run_a"])) / "run_a_capture_causal.npz")
-    par = np.load(_perturbation(str(runs["run_a"]), tp, pp, "fp32_angles", sp) / "run_a_capture_causal.npz")
+    par = np.load(_perturbation(str(runs["run_a"]), tp, pp, "fp32_angles") / "run_a_capture_causal.npz")
     assert sorted(ref.files) == sorted(par.files)
     for key in ref.files:
         assert ref[key].shape == par[key].shape, key
