@@ -84,8 +84,14 @@ def build_probe(tokenizer, block_tokens: int, repeats: int, seq_length: int,
         raise DataError(f"tokenizer {tokenizer.path}: has no BOS token; the probe needs BOS + content + EOS")
     if text is None:
         text, text_source = default_text(), "the default Paul Graham essay text"
-    ids = [i for i in tokenizer.encode(" ".join(text.split())) if i not in (tokenizer.bos_id, tokenizer.eos_id)]
     need = block_tokens - 2
+    words = text.split()
+    n_words = 4 * need  # tokenize a prefix (the default text is megabytes); grow if it is short
+    while True:
+        ids = [i for i in tokenizer.encode(" ".join(words[:n_words])) if i not in (tokenizer.bos_id, tokenizer.eos_id)]
+        if len(ids) >= need or n_words >= len(words):
+            break
+        n_words *= 4
     if len(ids) < need:
         raise DataError(f"{text_source}: {len(ids)} tokens, the probe block needs {need} content tokens")
     return Probe([tokenizer.bos_id] + ids[:need] + [tokenizer.eos_id], repeats, tokenizer.eos_id)
