@@ -126,10 +126,10 @@ def audit_table(metrics: dict, repeats: Optional[Sequence[int]] = None) -> str:
         for key, title in (("kl_to_first", "KL(repeat k || repeat 0)"),
                            ("max_abs_logit_diff", "max |logit_k - logit_0|")):
             lines.append(f"{title}, {mask} mask")
-            lines.append("setting".ljust(20) + "".join(f"k={k}".rjust(11) for k in ks) + "max_k".rjust(11))
+            lines.append("setting".ljust(20) + "".join(f"k={k}".rjust(11) for k in ks) + "max_k |.|".rjust(11))
             for n, m in per_setting.items():
                 v = m["output"][key]
-                lines.append(n.ljust(20) + "".join(f"{v[k]:11.2e}" for k in ks) + f"{max(v[1:]):11.2e}")
+                lines.append(n.ljust(20) + "".join(f"{v[k]:11.2e}" for k in ks) + f"{max(map(abs, v[1:])):11.2e}")
             lines.append("")
     return "\n".join(lines).rstrip()
 
