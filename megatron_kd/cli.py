@@ -1,4 +1,4 @@
-"""``megatron-kd {demo,train,preprocess}``: parse, then hand over to one module per command."""
+"""``megatron-kd {demo,train,preprocess,analyze}``: parse, then hand over to one module per command."""
 from __future__ import annotations
 
 import argparse
