@@ -95,3 +95,24 @@ def test_checkpoint_is_student_only(runs):
         return {k: tuple(v.global_shape) for k, v in meta.items() if not k.startswith("optimizer.")}
 
     assert keys(runs["tp1"]) == keys(runs["orig"])
+
+
+def test_drift_command(runs, tmp_path):
+    """`megatron-kd drift` between the original and the LongReD student: per-layer table, JSON, PNG."""
+    out = tmp_path / "drift"
+    mr.run([sys.executable, "-m", "megatron_kd.cli", "drift", "--before", str(runs["orig"]),
+            "--after", str(runs["tp1"]), "--windows", "2", "--out", str(out)])
+    result = json.loads((out / "drift.json").read_text())
+    assert result["before_rotary_base"] == 10000 and result["after_rotary_base"] == 40000
+    layers = result["layers"]
+    assert sorted(layers) == ["1", "2", "3", "4"]
+    for row in layers.values():  # trained a few steps away: close to the original, not identical
+        assert 0.5 < row["hidden_cos"] < 1.0 and row["attention_kl"] > 0
+    assert (out / "drift.png").stat().st_size > 1000
+
+
+def test_drift_refuses_non_run(tmp_path):
+    from megatron_kd.longred.drift import run_config_of
+
+    with pytest.raises(Exception, match="no config.yaml"):
+        run_config_of(tmp_path)
