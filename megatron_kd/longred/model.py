@@ -24,8 +24,6 @@ per-layer attention KL (losses.attention_kl via pre-hooks on core attention).
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
-
 import torch
 from megatron.core.transformer.module import MegatronModule
 
@@ -52,7 +50,7 @@ class LongReDModel(MegatronModule):
         self.alpha = {"short": alpha_short, "s2l": alpha_s2l}
         self.post_process = student.post_process
         self.student_hidden = student.config.hidden_size
-        self.reports = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
+        self.reports = {}  # {name: [sum, count]} since the last clear()
         self.measure_attention = False
         self._capture = None  # {"student": {layer: h}, "teacher": {...}} during a short forward
         self._probs = None
@@ -102,7 +100,10 @@ class LongReDModel(MegatronModule):
         self.teacher.set_input_tensor(input_tensor[..., h:].detach())
 
     def _record(self, name: str, value, count: float = 1.0):
-        self.reports[name] += torch.tensor([float(value), count], dtype=torch.float64)
+        """Accumulate [sum, count] on the value's device (no host sync per micro-batch)."""
+        v = torch.as_tensor(value).detach().to(torch.float64).reshape(())
+        entry = torch.stack([v, torch.full_like(v, count)])
+        self.reports[name] = self.reports[name] + entry if name in self.reports else entry
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,

@@ -110,12 +110,11 @@ def reduce_reports(chunks, names: list) -> dict:
     """
     from megatron_kd import platform
 
-    total = torch.zeros(len(names), 2, dtype=torch.float64)
+    total = torch.zeros(len(names), 2, dtype=torch.float64, device=platform.device())
     for chunk in chunks:
         for i, name in enumerate(names):
             if name in chunk.reports:
-                total[i] += chunk.reports[name]
-    total = total.to(platform.device())
+                total[i] += chunk.reports[name].to(total.device)
     torch.distributed.all_reduce(total)
     return {n: (total[i, 0] / total[i, 1]).item() for i, n in enumerate(names) if total[i, 1] > 0} | {
         "_sums": {n: (total[i, 0].item(), total[i, 1].item()) for i, n in enumerate(names)}}
