@@ -9,6 +9,7 @@ are training/loop.py's.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Optional
 
 import torch
@@ -19,6 +20,9 @@ from megatron_kd.longred.model import LongReDModel, layer_report_name
 from megatron_kd.longred.objective import LongReDObjective
 from megatron_kd.longred.streams import PackedSamples, mixed_iterator, per_step_counts, step_schedule
 from megatron_kd.training.loop import Trainer, build_model_chunks
+
+
+SELECTION_FILE = "longred_selection.json"  # in the run dir: the layers picked at the start
 
 
 def _objective(cfg, device):
@@ -155,11 +159,18 @@ class LongReDTrainer(Trainer):
         self._print(f"longred: per step {self.num_microbatches} micro-batches of {T} tokens: "
                     + ", ".join(f"{s} {self.step_counts[s]}" for s in LONGRED_STREAMS)
                     + f"; order {' '.join(self.schedule)}")
+        saved = self.run_dir / SELECTION_FILE
         if lr.selected_layers is not None:
             layers = list(lr.selected_layers)
             self._print(f"longred: selected layers {layers} (config) + the final output (layer {n})")
+        elif resume and saved.is_file():
+            # the selection belongs to the run: re-measuring on the trained student would pick anew
+            layers = json.loads(saved.read_text())["selected_layers"]
+            self._print(f"longred: selected layers {layers} (from {saved}) + the final output (layer {n})")
         else:
             layers = self.select_layers()
+            if torch.distributed.get_rank() == 0:
+                saved.write_text(json.dumps({"selected_layers": layers, "attention_kl": self.attention_kl}))
         for chunk in self.model:
             chunk.module.set_selected_layers(layers)
         self.selected_layers = layers
@@ -230,6 +241,7 @@ class LongReDTrainer(Trainer):
             c.measure_attention = False
             c.reports.clear()
             c.train()
+        self.attention_kl = {str(k): v for k, v in table.items()}
         layers = top_layers(table, lr.num_selected_layers)
         self._print(format_kl_table(table, layers))
         self._print(f"longred: selected layers {layers} (top {lr.num_selected_layers} by attention KL) "

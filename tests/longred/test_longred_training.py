@@ -38,6 +38,11 @@ def runs(longred_data, tmp_path_factory):
                                ("tp2", 2, ["parallel.tensor_model_parallel_size=2"])):
         out[name] = root / name
         out["stdout"][name] = mr.train(EX / "tiny.yaml", out[name], nproc, common + extra).stdout
+    # stop after 2 steps, then --resume: every stream continues where it stopped
+    out["resumed"] = root / "resumed"
+    first = mr.train(EX / "tiny.yaml", out["resumed"], 1, common + ["train.exit_interval=2"]).stdout
+    second = mr.train(EX / "tiny.yaml", out["resumed"], 1, common, flags=("--resume",)).stdout
+    out["stdout"]["resumed"] = (first, second)
     return out
 
 
@@ -64,7 +69,7 @@ def _selection(stdout):
 
 
 def test_same_selection_and_schedule(runs):
-    sel = {n: _selection(s) for n, s in runs["stdout"].items()}
+    sel = {n: _selection(s) for n, s in runs["stdout"].items() if n != "resumed"}
     assert sel["tp1"] and sel["tp1"] == sel["pp2"] == sel["tp2"], sel
     assert "longred: per step 8 micro-batches of 128 tokens: long 4, short 3, s2l 1" in runs["stdout"]["tp1"]
 
@@ -116,3 +121,18 @@ def test_drift_refuses_non_run(tmp_path):
 
     with pytest.raises(Exception, match="no config.yaml"):
         run_config_of(tmp_path)
+
+
+def test_resume_continues_streams_and_selection(runs):
+    """Steps 3-4 after a stop at 2 equal the uninterrupted run; the selection is reused, not redone
+    (re-measuring on the trained student would pick other layers)."""
+    first, second = runs["stdout"]["resumed"]
+    assert _selection(first) == _selection(runs["stdout"]["tp1"])
+    picked = _selection(first)[0].split(" (")[0]
+    assert [l.split(" (")[0] for l in _selection(second)] == [picked] and "(from " in _selection(second)[0]
+    ref = {r["iteration"]: r for r in _rows(runs["tp1"])}
+    got = _rows(runs["resumed"])
+    assert [r["iteration"] for r in got] == list(range(1, STEPS + 1))
+    for r in got:
+        for key in KEYS:
+            assert math.isclose(r[key], ref[r["iteration"]][key], rel_tol=1e-6, abs_tol=1e-12), (r, key)
