@@ -201,9 +201,9 @@ class LongReDTrainer(Trainer):
         mbs = self.cfg.train.micro_batch_size
         its = []
         for _ in self.model:  # one identical stream per virtual chunk
+            # a stream's position is a function of the step count (build_data_iterator wraps epochs)
             per = {s: build_data_iterator(self.stream_ds[s], consumed_steps * self.step_counts[s] * mbs
-                                          * self.dp_size % max(len(self.stream_ds[s]), 1),
-                                          mbs, self.dp_rank, self.dp_size)
+                                          * self.dp_size, mbs, self.dp_rank, self.dp_size)
                    for s in LONGRED_STREAMS if self.step_counts[s]}
             its.append(mixed_iterator(per, self.schedule))
         return its if len(its) > 1 else its[0]
