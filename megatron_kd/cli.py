@@ -42,6 +42,29 @@ def _add_analyze_parser(sub) -> None:
     add_parser(sub)
 
 
+def _drift(args) -> int:
+    from megatron_kd.longred.drift import run_drift
+
+    run_drift(args.before, args.after, args.out, before_rotary_base=args.before_rotary_base,
+              after_rotary_base=args.after_rotary_base, data_path=args.data,
+              tokenizer_model=args.tokenizer, seq_length=args.seq_length, windows=args.windows)
+    return 0
+
+
+def _add_drift_parser(sub) -> None:
+    d = sub.add_parser("drift", help="per-layer hidden cosine and attention KL between two checkpoints "
+                                     "on short text (LongReD's drift measures), JSON + PNG")
+    d.add_argument("--before", required=True, help="run dir / checkpoint of the original model")
+    d.add_argument("--after", required=True, help="run dir / checkpoint of the changed model")
+    d.add_argument("--before-rotary-base", type=float, default=None, help="override its RoPE base")
+    d.add_argument("--after-rotary-base", type=float, default=None, help="override its RoPE base")
+    d.add_argument("--data", default=None, help="<prefix> of .bin/.idx (default: the before run's)")
+    d.add_argument("--tokenizer", default=None, help="tokenizer model (default: the before run's)")
+    d.add_argument("--seq-length", type=int, default=None, help="window length (default: the before run's)")
+    d.add_argument("--windows", type=int, default=4, help="held-out windows to average over")
+    d.add_argument("--out", default="runs/drift", help="where drift.json / drift.png go")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-kd",
@@ -66,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_analyze_parser(sub)
 
+    _add_drift_parser(sub)
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
     return parser
@@ -105,6 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _demo(args)
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "drift":
+            return _drift(args)
         return _preprocess(args, rest)
     except Exception as e:
         if not isinstance(e, _input_errors()):

@@ -213,6 +213,81 @@ class KDConfig:
 
 
 @dataclass
+class LongReDConfig:
+    """LongReD restoration distillation (arXiv 2502.07365); see docs/longred.md.
+
+    The frozen teacher is the original model (``teacher:`` section, its own rotary_base), the
+    student its context-extended copy (``model:`` with the new rotary_base, ``checkpoint.load``
+    of the same weights). Per optimizer step: L = L_long + alpha_short * L_short +
+    alpha_s2l * L_s2l over three data streams: ``data.data_path`` (long windows of
+    ``data.seq_length``), ``short_data_path`` and ``s2l_data_path``.
+    """
+
+    alpha_short: float = 5.0
+    alpha_s2l: float = 10.0
+    # micro-batches per step of the long, short and short-to-long streams (the reference's
+    # 16-micro-batch cycle is 8:6:2); every micro-batch holds data.seq_length tokens
+    stream_ratio: str = "4,3,1"
+    schedule: Optional[list] = None  # explicit per-step order, e.g. [long, s2l, long, short, ...]
+    short_data_path: Optional[str] = None
+    short_seq_length: int = 1024
+    s2l_data_path: Optional[str] = None
+    s2l_seq_length: int = 8192  # the teacher's original window L
+    target_length: Optional[int] = None  # the extended window T simulated by s2l; None = data.seq_length
+    middle_placement: str = "cream"  # cream (truncated Gaussian) | uniform
+    s2l_head_length: Optional[int] = None  # None: CREAM's rule (L/3 or 4*T/L, chosen at random)
+    s2l_tail_length: Optional[int] = None
+    selected_layers: Optional[list] = None  # layer numbers 1..num_layers; overrides the selection
+    num_selected_layers: int = 6  # M layers picked by attention KL when selected_layers is null
+    selection_windows: int = 2  # short-stream windows the attention-KL selection reads
+    seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("alpha_short", "alpha_s2l"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"longred.{name}: expected >= 0, got {getattr(self, name)}")
+        self.stream_counts()
+        _positive(self, "short_seq_length", "s2l_seq_length", "selection_windows")
+        if self.num_selected_layers < 0:
+            raise ConfigError(f"longred.num_selected_layers: expected >= 0, got {self.num_selected_layers}")
+        if self.middle_placement not in ("cream", "uniform"):
+            raise ConfigError(
+                f"longred.middle_placement: expected cream|uniform, got {self.middle_placement!r}")
+        if self.target_length is not None and self.target_length <= self.s2l_seq_length:
+            raise ConfigError(
+                f"longred.target_length={self.target_length} must be larger than the original "
+                f"length longred.s2l_seq_length={self.s2l_seq_length}")
+        for name in ("s2l_head_length", "s2l_tail_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"longred.{name}: expected >= 1, got {v}")
+        if self.selected_layers is not None:
+            if not isinstance(self.selected_layers, list) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in self.selected_layers):
+                raise ConfigError(
+                    f"longred.selected_layers: expected a list of layer numbers, got {self.selected_layers!r}")
+        if self.schedule is not None:
+            if not isinstance(self.schedule, list) or not self.schedule or any(
+                    s not in LONGRED_STREAMS for s in self.schedule):
+                raise ConfigError(f"longred.schedule: expected a list of {'|'.join(LONGRED_STREAMS)}, "
+                                  f"got {self.schedule!r}")
+
+    def stream_counts(self) -> dict:
+        """``stream_ratio`` -> {long: a, short: b, s2l: c} (non-negative integers, sum > 0)."""
+        try:
+            parts = [int(p) for p in str(self.stream_ratio).split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) == 0:
+            raise ConfigError(f"longred.stream_ratio: expected three non-negative integers "
+                              f"'long,short,s2l', got {self.stream_ratio!r}")
+        return dict(zip(LONGRED_STREAMS, parts))
+
+
+LONGRED_STREAMS = ("long", "short", "s2l")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -221,6 +296,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     teacher: Optional[TeacherConfig] = None
+    longred: Optional[LongReDConfig] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -242,6 +318,7 @@ _SECTION_NAMES = {
     "CheckpointConfig": "checkpoint",
     "KDConfig": "kd",
     "TeacherConfig": "teacher",
+    "LongReDConfig": "longred",
 }
 
 

@@ -137,7 +137,7 @@ class Trainer:
         self.num_microbatches = _num_microbatches(cfg)
 
         # Building reads the teacher checkpoint (and checks its shapes): still before any write.
-        chunks = build_model_chunks(cfg, self.tokenizer.vocab_size)
+        chunks = self.build_model_chunks(self.tokenizer.vocab_size)
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
             create_run_dir(self.run_dir, cfg, overwrite=overwrite and not resume)
@@ -184,6 +184,14 @@ class Trainer:
             num_samples=(total, eval_windows if cfg.train.eval_iters else None, None))
         self.metrics = MetricsLogger(self.run_dir, enabled=_is_logging_rank())
         return self
+
+    def build_model_chunks(self, vocab_size: int) -> list:
+        """Hook for trainers with another model wrapper (longred/trainer.py)."""
+        return build_model_chunks(self.cfg, vocab_size)
+
+    def train_iterator(self):
+        """Hook: the training micro-batch stream, resumed at the current state."""
+        return self._iterators(self.train_ds, self.state.consumed_samples)
 
     def _print(self, msg: str):
         if torch.distributed.get_rank() == 0:
@@ -245,7 +253,7 @@ class Trainer:
 
     def train(self) -> TrainState:
         cfg, st = self.cfg, self.state
-        it = self._iterators(self.train_ds, st.consumed_samples)
+        it = self.train_iterator()
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         save_interval = cfg.checkpoint.save_interval
         last_saved = st.iteration if st.iteration else None
@@ -289,9 +297,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     may start a spawn-based process manager)."""
     if not cfg.checkpoint.save:
         raise ConfigError("checkpoint.save: required (the run directory)")
+    trainer_cls = Trainer
+    if cfg.longred is not None:  # LongReD: three streams and a teacher (docs/longred.md)
+        from megatron_kd.longred.trainer import LongReDTrainer as trainer_cls
     distributed.init_distributed()
     try:
-        trainer = Trainer(cfg, Path(cfg.checkpoint.save), objective_factory).setup(resume, overwrite)
+        trainer = trainer_cls(cfg, Path(cfg.checkpoint.save), objective_factory).setup(resume, overwrite)
         return trainer.train()
     finally:
         distributed.destroy()
