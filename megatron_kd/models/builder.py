@@ -53,7 +53,38 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        **_hf_family_options(model_cfg),
     )
+
+
+def _hf_family_options(model_cfg) -> dict:
+    """TransformerConfig fields of the HF-family options (QKV bias, QK-norm, MoE); see
+    docs/interop.md. Empty for the default model, so its TransformerConfig is unchanged."""
+    m = model_cfg
+    out = {}
+    if m.add_qkv_bias:
+        out["add_qkv_bias"] = True
+    if m.qk_layernorm:
+        out["qk_layernorm"] = True
+    if m.qk_l2_norm:
+        out["qk_l2_norm"] = True
+    if m.num_moe_experts:
+        out.update(
+            num_moe_experts=m.num_moe_experts,
+            moe_layer_freq=([1 if (i + 1) % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
+                            if m.moe_layer_freq > 1 else 1),
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_router_topk=m.moe_router_topk,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_apply_probs_on_input=m.moe_apply_probs_on_input,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_grouped_gemm=False,
+            moe_router_dtype="fp32",
+        )
+    return out
 
 
 def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16: bool = False,
@@ -64,6 +95,7 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
 
     from megatron_kd.models.attention import layer_spec
     from megatron_kd.models.gpt_model import PositionIdGPTModel
+    from megatron_kd.models import llama4
 
     config = transformer_config(model_cfg, parallel_cfg, bf16)
     if pre_process is None:
@@ -72,9 +104,12 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
                                parallel_cfg.tensor_model_parallel_size)
-    model = PositionIdGPTModel(
+    model_cls, spec = PositionIdGPTModel, layer_spec(model_cfg)
+    if llama4.needs_custom_layers(model_cfg):  # MoE / iRoPE pieces: per-layer specs
+        model_cls, spec = llama4.Llama4GPTModel, llama4.decoder_block_spec(model_cfg, config, vp_stage)
+    model = model_cls(
         config=config,
-        transformer_layer_spec=layer_spec(model_cfg),
+        transformer_layer_spec=spec,
         vocab_size=padded,
         max_sequence_length=model_cfg.max_position_embeddings or seq_length,
         pre_process=pre_process,
@@ -85,7 +120,27 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
         rotary_base=int(model_cfg.rotary_base),
         vp_stage=vp_stage,
     )
+    if model_cfg.use_rope_scaling and model_cfg.position_embedding_type == "rope":
+        apply_llama3_rope_scaling(model.rotary_pos_emb, model_cfg)
     return model.to(platform.device())
+
+
+def apply_llama3_rope_scaling(rotary, model_cfg) -> None:
+    """Llama-3 frequency scaling with all four of the checkpoint's parameters.
+
+    megatron-core 0.16.1's ``RotaryEmbedding(rope_scaling=True)`` only passes ``factor`` and
+    keeps low/high-frequency factors 1/4 and an 8192-token original context; Llama-3.2 and our
+    tiny test configs use others, so the unscaled frequencies are rescaled here with the same
+    (mcore) ``_apply_scaling`` and every argument given.
+    """
+    dim = rotary.inv_freq.numel() * 2
+    base = 1.0 / (int(model_cfg.rotary_base) ** (
+        torch.arange(0, dim, 2, dtype=torch.float32, device=rotary.inv_freq.device) / dim))
+    rotary.inv_freq = rotary._apply_scaling(
+        base, factor=model_cfg.rope_scaling_factor,
+        low_freq_factor=model_cfg.rope_scaling_low_freq_factor,
+        high_freq_factor=model_cfg.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=model_cfg.rope_scaling_original_max_position_embeddings)
 
 
 def count_parameters(model_cfg, vocab_size: int, seq_length: int = 0) -> int:
