@@ -60,6 +60,15 @@ def check(case, tokens, ref, greedy_hf):
     result = {"tp": tp, "max_abs_diff": diff.max().item(), "max_abs_logit": ref.abs().max().item(),
               "argmax_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
               "seq": tokens.shape[1]}
+    aware = [m for c in chunks for m in c.modules() if hasattr(m, "chunk_size") and hasattr(m, "temperature")]
+    for attr in ("chunk_size", "temperature"):  # each Llama-4 piece must matter on this input
+        saved = [getattr(m, attr) for m in aware]
+        if any(v is not None for v in saved):
+            for m in aware:
+                setattr(m, attr, None)
+            result[f"diff_without_{attr}"] = (our_logits(chunks, tokens, vocab) - ref).abs().max().item()
+            for m, v in zip(aware, saved):
+                setattr(m, attr, v)
     if greedy_hf:
         ctx = tokens.clone()
         for _ in greedy_hf:

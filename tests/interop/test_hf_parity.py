@@ -60,6 +60,9 @@ def test_logits_equal_transformers(converted, tp, family):
     assert r["max_abs_logit"] > 0.1, r  # the comparison is not between two near-zero tensors
     assert r["max_abs_diff"] < TOL, r
     assert r["argmax_agree"] == 1.0, r
+    if family == "llama4":  # chunking and temperature tuning both change the logits here
+        assert r["diff_without_chunk_size"] > 100 * TOL, r
+        assert r["diff_without_temperature"] > 100 * TOL, r
 
 
 @pytest.mark.parametrize("family", FAMILIES)
