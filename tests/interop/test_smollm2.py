@@ -55,3 +55,30 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2):
     assert r["max_abs_diff"] < TOL, r
     assert r["argmax_agree"] == 1.0, r
     assert r["greedy_ours"] == r["greedy_hf"] and len(r["greedy_hf"]) == 16, r
+
+
+def test_smollm2_teacher_distils_into_tiny_student(smollm2):
+    """examples/hf/smollm2_kd_tiny.yaml for 2 steps: the imported checkpoint is a working teacher."""
+    from megatron_kd.data.corpora import iter_offline_corpus, write_jsonl
+    from multirank_util import metrics
+
+    hf, run, _ = smollm2
+    work = run.parent
+    write_jsonl(iter_offline_corpus("paulgrahamessays"), work / "pg.jsonl", max_bytes=100_000)
+    tok = run / "tokenizer" / "tokenizer.json"
+    env = child_env()
+    p = subprocess.run([sys.executable, "-m", "megatron_kd.cli", "preprocess", "--input", str(work / "pg.jsonl"),
+                        "--tokenizer-model", str(tok), "--output-prefix", str(work / "pg"), "--no-progress"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    kd_run = work / "kd"
+    p = subprocess.run([sys.executable, "-m", "megatron_kd.cli", "train", "--config",
+                        str(REPO / "examples" / "hf" / "smollm2_kd_tiny.yaml"), f"checkpoint.save={kd_run}",
+                        f"data.data_path={work / 'pg'}", f"data.tokenizer_model={tok}", f"teacher.load={run}",
+                        f"teacher.tokenizer_model={tok}", "train.train_iters=2"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    kd = metrics(kd_run, "train", "kd loss")
+    assert [it for it, _ in kd] == [1, 2], kd
+    # a random student against a trained teacher: KL is large and finite
+    assert all(0.5 < v < 50 for _, v in kd), kd
