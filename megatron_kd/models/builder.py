@@ -151,16 +151,34 @@ def count_parameters(model_cfg, vocab_size: int, seq_length: int = 0) -> int:
     groups = model_cfg.num_query_groups or heads
     ffn = model_cfg.ffn_hidden_size or 4 * h
     bias = model_cfg.add_bias_linear
-    qkv = h * kv * (heads + 2 * groups) + (kv * (heads + 2 * groups) if bias else 0)
+    qkv_bias = bias or model_cfg.add_qkv_bias
+    qkv = h * kv * (heads + 2 * groups) + (kv * (heads + 2 * groups) if qkv_bias else 0)
+    if model_cfg.qk_layernorm:
+        qkv += 2 * (kv if model_cfg.normalization == "RMSNorm" else 2 * kv)
     proj = heads * kv * h + (h if bias else 0)
-    fc1 = h * ffn * (2 if model_cfg.swiglu else 1) + ((2 if model_cfg.swiglu else 1) * ffn if bias else 0)
-    fc2 = ffn * h + (h if bias else 0)
+    glu = 2 if model_cfg.swiglu else 1
+
+    def mlp(f):
+        return h * f * glu + (glu * f if bias else 0) + f * h + (h if bias else 0)
+
     norm = h if model_cfg.normalization == "RMSNorm" else 2 * h
-    per_layer = qkv + proj + fc1 + fc2 + 2 * norm
+    per_layer = qkv + proj + mlp(ffn) + 2 * norm
+    if model_cfg.num_moe_experts:  # every moe_layer_freq-th layer: router + experts (+ shared) instead
+        e, f = model_cfg.num_moe_experts, model_cfg.moe_ffn_hidden_size or ffn
+        shared = model_cfg.moe_shared_expert_intermediate_size
+        moe_layer = per_layer - mlp(ffn) + e * h + e * mlp(f) + (mlp(shared) if shared else 0)
+        n_moe = model_cfg.num_layers // model_cfg.moe_layer_freq
+        return (n_moe * moe_layer + (model_cfg.num_layers - n_moe) * per_layer
+                + _embedding_parameters(model_cfg, vocab_size, seq_length) + norm)
+    return model_cfg.num_layers * per_layer + _embedding_parameters(model_cfg, vocab_size, seq_length) + norm
+
+
+def _embedding_parameters(model_cfg, vocab_size: int, seq_length: int) -> int:
+    h = model_cfg.hidden_size
     emb = vocab_size * h
     out = 0 if not model_cfg.untie_embeddings_and_output_weights else vocab_size * h
     pos = 0
     if model_cfg.position_embedding_type == "learned_absolute":
         # build_model's table: max_position_embeddings rows, or seq_length when unset
         pos = (model_cfg.max_position_embeddings or seq_length) * h
-    return model_cfg.num_layers * per_layer + emb + out + norm + pos
+    return emb + out + pos
