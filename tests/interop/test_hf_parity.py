@@ -89,7 +89,7 @@ def test_summary_counts_every_tensor(converted):
     s = summaries["llama"]
     # 2 layers x (2 norms + q,k,v,o + gate,up,down) + embed + final norm + lm_head
     assert s["tensors_hf"] == 2 * 9 + 3
-    assert s["tensors_mcore"] == 2 * 5 + 3  # qkv fused, gate/up fused
+    assert s["tensors_mcore"] == 2 * 6 + 3  # qkv fused, gate/up fused
     assert s["by_kind"] == {"embedding": 2, "norm": 5, "attention": 4, "mlp": 4}
     assert summaries["qwen2"]["by_kind"]["attention"] == 2 * 3  # + fused qkv bias
     assert summaries["qwen3"]["by_kind"]["norm"] == 2 * 4 + 1  # + q/k norms
