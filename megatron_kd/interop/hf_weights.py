@@ -17,9 +17,11 @@ Layout facts (megatron-core 0.16.1 local/TE specs):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Tuple
 
 import torch
+
+from megatron_kd.models.llama4 import is_moe_layer
 
 
 @dataclass
@@ -113,8 +115,8 @@ def _split_fc1(t):
 
 def rules(layout: Layout, hf_vocab_rows: int) -> List[Rule]:
     """Every megatron-core tensor of the model (TP=1, PP=1 names), in file-friendly order."""
-    L, m, fam = layout, layout.m, layout.family
-    h, hd, heads, g, ffn = L.h, L.hd, L.heads, L.groups, L.ffn
+    L, m = layout, layout.m
+    h, hd, heads, g = L.h, L.hd, L.heads, L.groups
     out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
                 ((hf_vocab_rows, h),), L.pad_rows, L.unpad_rows(hf_vocab_rows), "embedding")]
     for i in range(m.num_layers):
@@ -141,10 +143,6 @@ def rules(layout: Layout, hf_vocab_rows: int) -> List[Rule]:
         out.append(Rule("output_layer.weight", ("lm_head.weight",), ((hf_vocab_rows, h),),
                         L.pad_rows, L.unpad_rows(hf_vocab_rows), "embedding"))
     return out
-
-
-def is_moe_layer(m, i: int) -> bool:
-    return bool(m.num_moe_experts) and (i + 1) % m.moe_layer_freq == 0
 
 
 def _mlp_rules(layout: Layout, i: int, p: str, q: str) -> List[Rule]:
@@ -191,12 +189,3 @@ def split_expert_name(name: str) -> Tuple[str, int]:
         return base, int(idx)
     return name, -1
 
-
-def stacked_hf_tensors(names: Sequence[str]) -> dict:
-    """Names of stacked expert tensors -> number of experts referenced (for export)."""
-    counts: dict = {}
-    for n in names:
-        base, idx = split_expert_name(n)
-        if idx >= 0:
-            counts[base] = max(counts.get(base, 0), idx + 1)
-    return counts

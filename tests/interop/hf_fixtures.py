@@ -1,7 +1,6 @@
 """Tiny random HF checkpoints (written with transformers' own save_pretrained) for the interop tests."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
