@@ -1,4 +1,4 @@
-"""``megatron-kd {demo,train,preprocess,analyze}``: parse, then hand over to one module per command."""
+"""``megatron-kd <command>``: parse, then hand over to one module per command (see ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,37 @@ def _add_drift_parser(sub) -> None:
     d.add_argument("--out", default="runs/drift", help="where drift.json / drift.png go")
 
 
+def _convert(args) -> int:
+    from megatron_kd.interop.convert import export_hf, import_hf
+
+    if args.direction == "hf-to-mcore":
+        summary = import_hf(args.src, args.dst, args.tensor_model_parallel_size,
+                            args.pipeline_model_parallel_size, tokenizer=args.tokenizer,
+                            overwrite=args.overwrite, progress=not args.quiet)
+    else:
+        summary = export_hf(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype,
+                            progress=not args.quiet)
+    import json
+
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_convert_parser(sub) -> None:
+    c = sub.add_parser("convert", help="HF Llama/Qwen2/Qwen3/Llama-4 checkpoints <-> project run directories "
+                                       "(docs/interop.md)")
+    c.add_argument("direction", choices=("hf-to-mcore", "mcore-to-hf"))
+    c.add_argument("src", help="HF model directory (hf-to-mcore) or run directory (mcore-to-hf)")
+    c.add_argument("dst", help="output run directory (hf-to-mcore) or HF directory (mcore-to-hf)")
+    c.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="target TP the run will use (checked against heads/FFN; sets vocab padding)")
+    c.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP (checked)")
+    c.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model if not in the HF directory")
+    c.add_argument("--dtype", help="export dtype (default: the imported checkpoint's, else float32)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-kd",
@@ -90,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze_parser(sub)
 
     _add_drift_parser(sub)
+    _add_convert_parser(sub)
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
     return parser
@@ -131,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _analyze(args)
         if args.command == "drift":
             return _drift(args)
+        if args.command == "convert":
+            return _convert(args)
         return _preprocess(args, rest)
     except Exception as e:
         if not isinstance(e, _input_errors()):

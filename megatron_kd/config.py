@@ -46,9 +46,34 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     add_bias_linear: bool = False
+    # --- HF-family options (docs/interop.md); defaults leave the model above unchanged ---
+    add_qkv_bias: bool = False  # Qwen2: bias on the Q/K/V projections only
+    qk_layernorm: bool = False  # Qwen3: RMSNorm over each head's q and k (before RoPE)
+    # Llama-3 RoPE frequency scaling (Megatron's --use-rope-scaling; HF rope_type "llama3")
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
+    # Llama-4 iRoPE pieces (models/llama4.py); the NoPE layers are the no_rope_freq ones
+    qk_l2_norm: bool = False  # parameter-free L2 norm of q and k, RoPE layers only
+    attention_chunk_size: Optional[int] = None  # local attention in chunks of absolute positions, RoPE layers
+    attn_temperature_tuning: bool = False  # NoPE layers: q *= log(floor((pos+1)/floor_scale)+1)*scale+1
+    attn_temperature_floor_scale: float = 8192.0
+    attn_temperature_scale: float = 0.1
+    # Mixture of experts (megatron-core MoE; Llama-4: top-1 sigmoid routing + a shared expert)
+    num_moe_experts: Optional[int] = None
+    moe_layer_freq: int = 1  # every N-th layer is MoE (the others dense)
+    moe_ffn_hidden_size: Optional[int] = None  # routed expert FFN size; None = ffn_hidden_size
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_router_topk: int = 1
+    moe_router_score_function: str = "sigmoid"  # softmax | sigmoid
+    moe_apply_probs_on_input: bool = True  # Llama-4 scales the expert input by the router score
+    moe_token_dispatcher_type: str = "allgather"  # allgather works on CPU/gloo; alltoall on GPUs
 
     def __post_init__(self):
         n = _SECTION_NAMES.get(type(self).__name__, "model")  # model / teacher
+        _check_hf_family_options(self, n)
         _positive(self, "num_layers", "hidden_size", "num_attention_heads", "rotary_base")
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise ConfigError(
@@ -76,6 +101,28 @@ class ModelConfig:
             )
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"{n}.rotary_percent: expected (0, 1], got {self.rotary_percent}")
+
+
+def _check_hf_family_options(m, n: str) -> None:
+    if m.attention_chunk_size is not None and m.attention_chunk_size < 1:
+        raise ConfigError(f"{n}.attention_chunk_size: expected >= 1 or null, got {m.attention_chunk_size}")
+    if m.attn_temperature_tuning and m.no_rope_freq is None:
+        raise ConfigError(f"{n}.attn_temperature_tuning applies to NoPE layers: set {n}.no_rope_freq")
+    if m.num_moe_experts is not None:
+        if m.num_moe_experts < 1:
+            raise ConfigError(f"{n}.num_moe_experts: expected >= 1 or null, got {m.num_moe_experts}")
+        if not 1 <= m.moe_router_topk <= m.num_moe_experts:
+            raise ConfigError(f"{n}.moe_router_topk={m.moe_router_topk}: expected 1..num_moe_experts"
+                              f"={m.num_moe_experts}")
+        if m.moe_layer_freq < 1 or m.num_layers % m.moe_layer_freq:
+            raise ConfigError(f"{n}.moe_layer_freq={m.moe_layer_freq}: expected a positive divisor of "
+                              f"num_layers={m.num_layers}")
+        if m.moe_router_score_function not in ("softmax", "sigmoid"):
+            raise ConfigError(f"{n}.moe_router_score_function: expected softmax|sigmoid, got "
+                              f"{m.moe_router_score_function!r}")
+        if m.moe_token_dispatcher_type not in ("allgather", "alltoall"):
+            raise ConfigError(f"{n}.moe_token_dispatcher_type: expected allgather|alltoall, got "
+                              f"{m.moe_token_dispatcher_type!r}")
 
 
 @dataclass

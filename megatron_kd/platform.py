@@ -139,10 +139,22 @@ def setup() -> None:
     With CUDA: nothing is changed. Without: 'cuda' device requests land on the CPU.
     """
     global _CPU_MAPPING_ACTIVE
+    _patch_moe_router_without_te()
     if cuda_available() or _CPU_MAPPING_ACTIVE:
         return
     _install_cpu_mapping()
     _CPU_MAPPING_ACTIVE = True
+
+
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1 ``moe_utils.RouterGatingLinearFunction`` tests
+    ``te_general_gemm is not None``, but the name is only bound when Transformer Engine imports,
+    so every MoE router forward raises NameError without TE (CPU, or a GPU box without TE).
+    Binding it to None selects the torch matmul path the code already has."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 # ----------------------------------------------------------------------------- CPU mapping

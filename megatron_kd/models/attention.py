@@ -16,11 +16,12 @@ def layer_spec(model_cfg):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if platform.layer_spec_kind() == "te":
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
         # A causal TE kernel would ignore our document mask; 'arbitrary' honours it.
         spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
         return spec
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization,
+                                                    qk_layernorm=model_cfg.qk_layernorm)
 
 
 def attention_mask(document_ids):

@@ -53,7 +53,38 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        **_hf_family_options(model_cfg),
     )
+
+
+def _hf_family_options(model_cfg) -> dict:
+    """TransformerConfig fields of the HF-family options (QKV bias, QK-norm, MoE); see
+    docs/interop.md. Empty for the default model, so its TransformerConfig is unchanged."""
+    m = model_cfg
+    out = {}
+    if m.add_qkv_bias:
+        out["add_qkv_bias"] = True
+    if m.qk_layernorm:
+        out["qk_layernorm"] = True
+    if m.qk_l2_norm:
+        out["qk_l2_norm"] = True
+    if m.num_moe_experts:
+        out.update(
+            num_moe_experts=m.num_moe_experts,
+            moe_layer_freq=([1 if (i + 1) % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
+                            if m.moe_layer_freq > 1 else 1),
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_router_topk=m.moe_router_topk,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_apply_probs_on_input=m.moe_apply_probs_on_input,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_grouped_gemm=False,
+            moe_router_dtype="fp32",
+        )
+    return out
 
 
 def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16: bool = False,
@@ -64,6 +95,7 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
 
     from megatron_kd.models.attention import layer_spec
     from megatron_kd.models.gpt_model import PositionIdGPTModel
+    from megatron_kd.models import llama4
 
     config = transformer_config(model_cfg, parallel_cfg, bf16)
     if pre_process is None:
@@ -72,9 +104,12 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
                                parallel_cfg.tensor_model_parallel_size)
-    model = PositionIdGPTModel(
+    model_cls, spec = PositionIdGPTModel, layer_spec(model_cfg)
+    if llama4.needs_custom_layers(model_cfg):  # MoE / iRoPE pieces: per-layer specs
+        model_cls, spec = llama4.Llama4GPTModel, llama4.decoder_block_spec(model_cfg, config, vp_stage)
+    model = model_cls(
         config=config,
-        transformer_layer_spec=layer_spec(model_cfg),
+        transformer_layer_spec=spec,
         vocab_size=padded,
         max_sequence_length=model_cfg.max_position_embeddings or seq_length,
         pre_process=pre_process,
@@ -85,7 +120,27 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
         rotary_base=int(model_cfg.rotary_base),
         vp_stage=vp_stage,
     )
+    if model_cfg.use_rope_scaling and model_cfg.position_embedding_type == "rope":
+        apply_llama3_rope_scaling(model.rotary_pos_emb, model_cfg)
     return model.to(platform.device())
+
+
+def apply_llama3_rope_scaling(rotary, model_cfg) -> None:
+    """Llama-3 frequency scaling with all four of the checkpoint's parameters.
+
+    megatron-core 0.16.1's ``RotaryEmbedding(rope_scaling=True)`` only passes ``factor`` and
+    keeps low/high-frequency factors 1/4 and an 8192-token original context; Llama-3.2 and our
+    tiny test configs use others, so the unscaled frequencies are rescaled here with the same
+    (mcore) ``_apply_scaling`` and every argument given.
+    """
+    dim = rotary.inv_freq.numel() * 2
+    base = 1.0 / (int(model_cfg.rotary_base) ** (
+        torch.arange(0, dim, 2, dtype=torch.float32, device=rotary.inv_freq.device) / dim))
+    rotary.inv_freq = rotary._apply_scaling(
+        base, factor=model_cfg.rope_scaling_factor,
+        low_freq_factor=model_cfg.rope_scaling_low_freq_factor,
+        high_freq_factor=model_cfg.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=model_cfg.rope_scaling_original_max_position_embeddings)
 
 
 def count_parameters(model_cfg, vocab_size: int, seq_length: int = 0) -> int:
@@ -96,16 +151,34 @@ def count_parameters(model_cfg, vocab_size: int, seq_length: int = 0) -> int:
     groups = model_cfg.num_query_groups or heads
     ffn = model_cfg.ffn_hidden_size or 4 * h
     bias = model_cfg.add_bias_linear
-    qkv = h * kv * (heads + 2 * groups) + (kv * (heads + 2 * groups) if bias else 0)
+    qkv_bias = bias or model_cfg.add_qkv_bias
+    qkv = h * kv * (heads + 2 * groups) + (kv * (heads + 2 * groups) if qkv_bias else 0)
+    if model_cfg.qk_layernorm:
+        qkv += 2 * (kv if model_cfg.normalization == "RMSNorm" else 2 * kv)
     proj = heads * kv * h + (h if bias else 0)
-    fc1 = h * ffn * (2 if model_cfg.swiglu else 1) + ((2 if model_cfg.swiglu else 1) * ffn if bias else 0)
-    fc2 = ffn * h + (h if bias else 0)
+    glu = 2 if model_cfg.swiglu else 1
+
+    def mlp(f):
+        return h * f * glu + (glu * f if bias else 0) + f * h + (h if bias else 0)
+
     norm = h if model_cfg.normalization == "RMSNorm" else 2 * h
-    per_layer = qkv + proj + fc1 + fc2 + 2 * norm
+    per_layer = qkv + proj + mlp(ffn) + 2 * norm
+    if model_cfg.num_moe_experts:  # every moe_layer_freq-th layer: router + experts (+ shared) instead
+        e, f = model_cfg.num_moe_experts, model_cfg.moe_ffn_hidden_size or ffn
+        shared = model_cfg.moe_shared_expert_intermediate_size
+        moe_layer = per_layer - mlp(ffn) + e * h + e * mlp(f) + (mlp(shared) if shared else 0)
+        n_moe = model_cfg.num_layers // model_cfg.moe_layer_freq
+        return (n_moe * moe_layer + (model_cfg.num_layers - n_moe) * per_layer
+                + _embedding_parameters(model_cfg, vocab_size, seq_length) + norm)
+    return model_cfg.num_layers * per_layer + _embedding_parameters(model_cfg, vocab_size, seq_length) + norm
+
+
+def _embedding_parameters(model_cfg, vocab_size: int, seq_length: int) -> int:
+    h = model_cfg.hidden_size
     emb = vocab_size * h
     out = 0 if not model_cfg.untie_embeddings_and_output_weights else vocab_size * h
     pos = 0
     if model_cfg.position_embedding_type == "learned_absolute":
         # build_model's table: max_position_embeddings rows, or seq_length when unset
         pos = (model_cfg.max_position_embeddings or seq_length) * h
-    return model_cfg.num_layers * per_layer + emb + out + norm + pos
+    return emb + out + pos

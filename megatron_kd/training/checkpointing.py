@@ -114,11 +114,12 @@ def save_checkpoint(root, iteration: int, model_chunks, optimizer, scheduler,
     torch.distributed.barrier()
 
     state = _model_sharded_state_dict(model_chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer))
+    if optimizer is not None:  # None: weights only (an imported HF checkpoint, interop/convert.py)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer))
     state["rng_state"] = _rng_sharded(platform.rng_states())
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
-    state["scheduler"] = scheduler.state_dict()
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else {}
     state["layout"] = _layout()
     state["extra"] = extra or {}
     dist_checkpointing.save(state, str(tmp))

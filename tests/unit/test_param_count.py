@@ -63,6 +63,14 @@ VARIANTS = {
     # max_position_embeddings=None: build_model sizes the table from seq_length
     "learned_absolute_default_table": dict(num_layers=2, hidden_size=96, num_attention_heads=4,
                                            position_embedding_type="learned_absolute"),
+    # HF-family options (docs/interop.md)
+    "qwen2_qkv_bias": dict(num_layers=2, hidden_size=96, num_attention_heads=4, num_query_groups=2,
+                           add_qkv_bias=True),
+    "qwen3_qk_layernorm": dict(num_layers=2, hidden_size=96, num_attention_heads=4, qk_layernorm=True),
+    "llama4_moe_irope": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                             ffn_hidden_size=96, num_moe_experts=4, moe_layer_freq=2, moe_ffn_hidden_size=48,
+                             moe_shared_expert_intermediate_size=48, no_rope_freq=2, qk_l2_norm=True,
+                             attention_chunk_size=8, attn_temperature_tuning=True),
 }
 
 BUILD = r"""

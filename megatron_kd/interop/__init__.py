@@ -1,0 +1,1 @@
+"""Hugging Face interop: Llama-family checkpoints <-> project run directories (docs/interop.md)."""

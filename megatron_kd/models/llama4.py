@@ -1,0 +1,137 @@
+"""Llama-4 text-model pieces on megatron-core 0.16.1: MoE/dense interleave, iRoPE, chunked attention.
+
+Each piece is a ModelConfig option (docs/interop.md), usable by teachers and students alike:
+
+- ``num_moe_experts`` / ``moe_layer_freq`` / ``moe_shared_expert_intermediate_size``: every N-th
+  layer is a megatron-core MoELayer (router + SequentialMLP experts + SharedExpertMLP), the others
+  dense -- Llama-4's interleave. Top-1 sigmoid routing with the score applied to the expert
+  *input* (``moe_apply_probs_on_input``) is megatron-core's own implementation of Llama-4 routing.
+- ``no_rope_freq``: every N-th layer has no RoPE (megatron-core skips the rotation).
+- ``attn_temperature_tuning`` (NoPE layers): q *= log(floor((pos + 1) / floor_scale) + 1) * scale + 1
+  with ``pos`` the token's *explicit* position id -- so a packed window's global positions (or
+  per-document ones) decide the temperature, exactly as they decide RoPE elsewhere.
+- ``attention_chunk_size`` (RoPE layers): token i sees j only if pos(i) // C == pos(j) // C, on top
+  of the causal document mask (both are boolean masks; they are OR-ed).
+- ``qk_l2_norm`` (RoPE layers): megatron-core's parameter-free L2Norm on q and k. megatron-core
+  applies it before RoPE, HF Llama-4 after; RoPE is a rotation, so the norms agree.
+
+The position-dependent pieces are one core-attention subclass (of whatever class the layer spec
+chose: the local DotProductAttention on CPU, TE's on GPU) that adjusts q and the mask, then runs
+the unchanged attention. Position ids reach it from :class:`Llama4GPTModel` (every pipeline
+stage receives them, see gpt_model.py).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Optional
+
+import torch
+
+from megatron_kd.models.gpt_model import PositionIdGPTModel
+
+
+def needs_custom_layers(model_cfg) -> bool:
+    m = model_cfg
+    return bool(m.num_moe_experts or m.qk_l2_norm or m.attention_chunk_size or m.attn_temperature_tuning)
+
+
+def is_nope_layer(model_cfg, i: int) -> bool:
+    """0-based layer index -> True for the layers without RoPE (megatron-core's pattern)."""
+    n = model_cfg.no_rope_freq
+    return bool(n) and (i + 1) % n == 0
+
+
+def is_moe_layer(model_cfg, i: int) -> bool:
+    return bool(model_cfg.num_moe_experts) and (i + 1) % model_cfg.moe_layer_freq == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _position_aware(base):
+    """Subclass of a core-attention class that applies temperature tuning and chunked masking."""
+
+    class PositionAwareCoreAttention(base):
+        def __init__(self, *args, chunk_size: Optional[int] = None,
+                     temperature: Optional[tuple] = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.chunk_size = chunk_size
+            self.temperature = temperature  # (floor_scale, attn_scale) or None
+            self.position_ids = None  # [b, s], set by Llama4GPTModel before each forward
+
+        def forward(self, query, key, value, attention_mask, *args, **kwargs):
+            pos = self.position_ids
+            if pos is None and (self.chunk_size or self.temperature):
+                raise RuntimeError("Llama-4 attention needs position ids (build with models.build_model)")
+            if self.temperature is not None:
+                floor_scale, scale = self.temperature
+                t = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * scale + 1.0  # [b, s]
+                query = (query * t.t()[:, :, None, None]).to(query.dtype)  # query [s, b, np, hn]
+            if self.chunk_size:
+                chunk = torch.div(pos, self.chunk_size, rounding_mode="floor")  # [b, s]
+                other = chunk[:, None, :, None] != chunk[:, None, None, :]  # [b, 1, s, s], True = masked
+                attention_mask = other if attention_mask is None else attention_mask | other
+            return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+    PositionAwareCoreAttention.__name__ = f"PositionAware{base.__name__}"
+    return PositionAwareCoreAttention
+
+
+def _layer_spec(model_cfg, i: int):
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_kd import platform
+
+    m = model_cfg
+    nope = is_nope_layer(m, i)
+    experts = m.num_moe_experts if is_moe_layer(m, i) else None
+    l2 = m.qk_l2_norm and not nope
+    if platform.layer_spec_kind() == "te":
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=m.qk_layernorm, qk_l2_norm=l2)
+        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=m.qk_layernorm,
+            normalization=m.normalization, qk_l2_norm=l2)
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention.submodules
+    temperature = ((m.attn_temperature_floor_scale, m.attn_temperature_scale)
+                   if m.attn_temperature_tuning and nope else None)
+    chunk = m.attention_chunk_size if not nope else None
+    if temperature or chunk:
+        base = attn.core_attention.module if isinstance(attn.core_attention, ModuleSpec) else attn.core_attention
+        attn.core_attention = ModuleSpec(module=_position_aware(base),
+                                         params={"chunk_size": chunk, "temperature": temperature})
+    return spec
+
+
+def decoder_block_spec(model_cfg, config, vp_stage: Optional[int] = None):
+    """Per-layer specs for this rank's pipeline stage (as megatron-core's get_gpt_decoder_block_spec
+    slices them), wrapped in a TransformerBlockSubmodules."""
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    from megatron_kd import platform
+
+    specs = [_layer_spec(model_cfg, i) for i in range(model_cfg.num_layers)]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    if platform.layer_spec_kind() == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = specs[0].submodules.input_layernorm
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n], layer_norm=final_norm)
+
+
+class Llama4GPTModel(PositionIdGPTModel):
+    """PositionIdGPTModel that hands the forward's position ids to its position-aware attention."""
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        for module in self.modules():
+            if hasattr(module, "chunk_size") and hasattr(module, "temperature"):
+                module.position_ids = position_ids
+        return super()._preprocess(input_ids, position_ids, *args, **kwargs)

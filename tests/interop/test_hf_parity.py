@@ -1,0 +1,95 @@
+"""HF interop against transformers (CPU, fp32): tiny random checkpoints of each supported family
+are written by transformers' own ``save_pretrained``, converted to a run directory, loaded as a
+KD teacher at TP=1 and TP=2 (real torchrun ranks), and must give transformers' logits; export
+back to HF must reproduce every tensor bit for bit.
+
+One conversion per family (at --tensor-model-parallel-size 2; its vocab padding equals TP=1's,
+so the same checkpoint also checks loading under another layout) and one torchrun launch per TP
+size keep the cost at two megatron-core imports per launch.
+"""
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "tests" / "multirank"))
+from multirank_util import child_env, free_port  # noqa: E402
+
+FAMILIES = ["llama", "llama_tied", "qwen2", "qwen3", "llama4"]
+SEQ = 40  # longer than the Llama-4 fixture's attention chunk (8) and floor_scale (4)
+TOL = 1e-5  # fp32; observed max |diff| ~3e-7 (summation order)
+
+
+def _result(proc):
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    proc = subprocess.run([sys.executable, str(HERE / "convert_worker.py"), str(out),
+                           *[f"{f}:2" for f in FAMILIES]],
+                          capture_output=True, text=True, timeout=600, env=child_env(), cwd=REPO)
+    return out, _result(proc)
+
+
+@functools.lru_cache(maxsize=None)
+def _parity(out: Path, tp: int) -> dict:
+    cases = [{"name": f, "run": str(out / f"{f}_mcore"), "hf": str(out / f), "seq": SEQ} for f in FAMILIES]
+    spec = out / f"cases_tp{tp}.json"
+    spec.write_text(json.dumps(cases))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(HERE / "parity_worker.py"), str(spec)]
+    return _result(subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env(), cwd=REPO))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_transformers(converted, tp, family):
+    out, _ = converted
+    r = _parity(out, tp)[family]
+    assert r["tp"] == tp and r["seq"] == SEQ
+    assert r["max_abs_logit"] > 0.1, r  # the comparison is not between two near-zero tensors
+    assert r["max_abs_diff"] < TOL, r
+    assert r["argmax_agree"] == 1.0, r
+    if family == "llama4":  # chunking and temperature tuning both change the logits here
+        assert r["diff_without_chunk_size"] > 100 * TOL, r
+        assert r["diff_without_temperature"] > 100 * TOL, r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip_is_bit_exact(converted, family):
+    from safetensors.torch import load_file
+
+    out, summaries = converted
+    assert summaries[family]["tensor_model_parallel_size"] == 2
+    a = load_file(str(out / family / "model.safetensors"))
+    b = load_file(str(out / f"{family}_back" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    src = json.loads((out / family / "config.json").read_text())
+    back = json.loads((out / f"{family}_back" / "config.json").read_text())
+    for key in ("architectures", "hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size",
+                "tie_word_embeddings", "rope_parameters", "intermediate_size"):
+        assert back.get(key) == src.get(key), key
+    assert (out / f"{family}_back" / "tokenizer.json").is_file()
+
+
+def test_summary_counts_every_tensor(converted):
+    out, summaries = converted
+    s = summaries["llama"]
+    # 2 layers x (2 norms + q,k,v,o + gate,up,down) + embed + final norm + lm_head
+    assert s["tensors_hf"] == 2 * 9 + 3
+    assert s["tensors_mcore"] == 2 * 6 + 3  # qkv fused, gate/up fused
+    assert s["by_kind"] == {"embedding": 2, "norm": 5, "attention": 4, "mlp": 4}
+    assert summaries["qwen2"]["by_kind"]["attention"] == 2 * 3  # + fused qkv bias
+    assert summaries["qwen3"]["by_kind"]["norm"] == 2 * 4 + 1  # + q/k norms
