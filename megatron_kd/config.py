@@ -86,6 +86,10 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # context parallelism (data/cp_layout.py): token slots per window for per-document padding
+    # to multiples of 2 x CP (None = seq_length / 16); Megatron-LM's --cp-comm-type
+    context_parallel_padding: Optional[int] = None
+    cp_comm_type: str = "p2p"
 
     def __post_init__(self):
         _positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -98,11 +102,12 @@ class ParallelConfig:
                     "parallel.virtual_pipeline_model_parallel_size needs "
                     "parallel.pipeline_model_parallel_size >= 2"
                 )
-        if self.context_parallel_size > 1:
-            raise ConfigError(
-                "parallel.context_parallel_size > 1 is not available yet (needs the ring "
-                "attention backend); expected 1"
-            )
+        if self.context_parallel_padding is not None and self.context_parallel_padding < 0:
+            raise ConfigError("parallel.context_parallel_padding: expected >= 0 (token slots per "
+                              f"window for per-document CP padding), got {self.context_parallel_padding}")
+        if self.cp_comm_type != "p2p":
+            raise ConfigError(f"parallel.cp_comm_type: expected 'p2p' (the ring; the one TE supports "
+                              f"with THD in every 2.x), got {self.cp_comm_type!r}")
 
 
 @dataclass
@@ -484,6 +489,12 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(
             f"data.seq_length={d.seq_length} is not divisible by 2 x context_parallel_size = {cp_chunks}"
         )
+    if p.context_parallel_size > 1:
+        if m.attention_dropout:  # (the teacher runs in eval mode: no dropout either way)
+            raise ConfigError(
+                f"model.attention_dropout={m.attention_dropout}: the context-parallel ring attention "
+                f"(parallel.context_parallel_size={p.context_parallel_size}) has no attention "
+                "dropout; expected 0")
     if p.virtual_pipeline_model_parallel_size and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline_model_parallel_size:
         raise ConfigError(
             "interleaved pipeline: micro-batches per step "

@@ -167,6 +167,8 @@ def _wrap_factory(fn):
     def wrapper(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _map_device(kwargs["device"])
+        # megatron's CP RoPE slicing asks for pinned host memory, which needs an accelerator
+        kwargs.pop("pin_memory", None)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -12,7 +12,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_kd import platform
 
 
-def layer_spec(model_cfg):
+def layer_spec(model_cfg, context_parallel_size: int = 1):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if platform.layer_spec_kind() == "te":
@@ -20,7 +20,14 @@ def layer_spec(model_cfg):
         # A causal TE kernel would ignore our document mask; 'arbitrary' honours it.
         spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
         return spec
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization)
+    if context_parallel_size > 1:
+        # megatron-core's DotProductAttention refuses CP; the reference ring attention takes
+        # its place (same constructor/forward signature).
+        from megatron_kd.models.ring_attention import RingAttention
+
+        spec.submodules.self_attention.submodules.core_attention = RingAttention
+    return spec
 
 
 def attention_mask(document_ids):
@@ -28,3 +35,15 @@ def attention_mask(document_ids):
     from megatron_kd.data.packing import document_attention_mask
 
     return document_attention_mask(document_ids)
+
+
+def attention_mask_for_batch(batch):
+    """What the model's ``attention_mask`` argument carries for this micro-batch: the dense
+    document mask for whole windows, or, for a context-parallel shard (it has ``token_index``,
+    data/cp_layout.py), the ``[2, b, s_local]`` (document id, window index) of its tokens that
+    the ring attention masks with."""
+    import torch
+
+    if "token_index" in batch:
+        return torch.stack([batch["document_ids"], batch["token_index"]])
+    return attention_mask(batch["document_ids"])

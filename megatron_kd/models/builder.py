@@ -74,7 +74,7 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
                                parallel_cfg.tensor_model_parallel_size)
     model = PositionIdGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model_cfg),
+        transformer_layer_spec=layer_spec(model_cfg, parallel_cfg.context_parallel_size),
         vocab_size=padded,
         max_sequence_length=model_cfg.max_position_embeddings or seq_length,
         pre_process=pre_process,
