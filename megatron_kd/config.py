@@ -46,6 +46,13 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     add_bias_linear: bool = False
+    # activation recompute (Megatron-LM's --recompute-*; megatron-core TransformerConfig):
+    # granularity full|selective, method uniform|block (full only), layers per unit / per stage,
+    # modules for selective as "core_attn,mlp,layernorm" (None = megatron's ["core_attn"])
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[str] = None
 
     def __post_init__(self):
         n = _SECTION_NAMES.get(type(self).__name__, "model")  # model / teacher
@@ -76,6 +83,38 @@ class ModelConfig:
             )
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"{n}.rotary_percent: expected (0, 1], got {self.rotary_percent}")
+        _check_recompute(self, n)
+
+
+_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe_act", "moe", "shared_experts", "mla_up_proj")
+
+
+def _check_recompute(m, n: str) -> None:
+    """Megatron-LM's rules for the --recompute-* flags, as one-line errors before any build."""
+    g, method, layers = m.recompute_granularity, m.recompute_method, m.recompute_num_layers
+    if g is None:
+        if method is not None or layers is not None:
+            raise ConfigError(f"{n}.recompute_method / {n}.recompute_num_layers need "
+                              f"{n}.recompute_granularity (full or selective)")
+        return
+    if g not in ("full", "selective"):
+        raise ConfigError(f"{n}.recompute_granularity: expected full|selective, got {g!r}")
+    if g == "full":
+        if method not in ("uniform", "block"):
+            raise ConfigError(f"{n}.recompute_method: expected uniform|block with "
+                              f"recompute_granularity=full, got {method!r}")
+        if layers is None or not 1 <= layers <= m.num_layers:
+            raise ConfigError(f"{n}.recompute_num_layers: expected 1..num_layers({m.num_layers}) "
+                              f"with recompute_granularity=full, got {layers!r}")
+    else:
+        if method is not None or layers is not None:
+            raise ConfigError(f"{n}.recompute_method / {n}.recompute_num_layers: must be unset with "
+                              "recompute_granularity=selective (it recomputes modules in every layer)")
+    if m.recompute_modules is not None:
+        bad = [x for x in m.recompute_modules.split(",") if x.strip() not in _RECOMPUTE_MODULES]
+        if bad:
+            raise ConfigError(f"{n}.recompute_modules: unknown {bad}; expected a comma-separated "
+                              f"subset of {','.join(_RECOMPUTE_MODULES)}")
 
 
 @dataclass

@@ -335,6 +335,26 @@ def _patch_megatron_misc() -> None:
             setattr(optimizer_module, name, fn)
 
     _patch_optimizer_type_checks()
+    _patch_checkpoint_without_output()
+
+
+def _patch_checkpoint_without_output() -> None:
+    """megatron-core 0.16.1's ``CheckpointWithoutOutput.__init__`` sets ``self.fp8 = fp8 is not
+    None``, True for the default ``fp8=False``, and then calls TE's FP8GlobalStateManager: selective
+    recompute of 'layernorm' (or 'mlp' norms) raises NameError without transformer-engine."""
+    if transformer_engine_available():
+        return
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    cls = mpu_random.CheckpointWithoutOutput
+    orig_init = cls.__init__
+
+    @functools.wraps(orig_init)
+    def __init__(self, fp8=False):
+        orig_init(self, fp8)
+        self.fp8 = bool(fp8)
+
+    cls.__init__ = __init__
 
 
 @contextlib.contextmanager

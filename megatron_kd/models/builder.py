@@ -53,6 +53,11 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method,
+        recompute_num_layers=model_cfg.recompute_num_layers,
+        recompute_modules=(None if model_cfg.recompute_modules is None else
+                           [x.strip() for x in model_cfg.recompute_modules.split(",")]),
     )
 
 

@@ -1,4 +1,4 @@
-"""Worker for test_ring_attention.py (torchrun, gloo): ring attention fwd+bwd on this rank's CP
+"""Worker for test_context_parallel.py (torchrun, gloo): ring attention fwd+bwd on this rank's CP
 shard vs dense document-masked attention over the whole window (float64, autograd).
 
 Prints one ``RESULT {json}`` line per rank: max abs errors of the output and of dq/dk/dv on the
