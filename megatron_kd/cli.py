@@ -1,4 +1,4 @@
-"""``megatron-kd {demo,train,preprocess}``: parse, then hand over to one module per command."""
+"""``megatron-kd {demo,train,plan,preprocess}``: parse, then hand over to one module per command."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,31 @@ def _preprocess(args, rest) -> int:
     return preprocess_main(rest)
 
 
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="per-rank memory (parameters, gradients, optimizer, activations, "
+                                    "logits, teacher) and expected tokens/s of a recipe's layout")
+    p.add_argument("--config", help="YAML recipe, e.g. examples/paper/phase2_kd_10k_to_500k.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides, e.g. parallel.context_parallel_size=8")
+    p.add_argument("--world", type=int, default=None, help="number of ranks (default TP x PP x CP)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="true vocabulary size (default: from data.tokenizer_model)")
+    p.add_argument("--mfu", type=float, default=0.45, help="assumed model-FLOPs utilisation (0.45)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak TFLOP/s per rank (H100 SXM bf16 dense: 989)")
+    p.add_argument("--doc-length", type=int, default=None,
+                   help="mean packed-document length for attention FLOPs (default: seq_length)")
+    p.add_argument("--attention", default="te", choices=("te", "local"),
+                   help="te: fused O(s) attention (GPU); local: dense O(s^2) (CPU)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan(args) -> int:
+    from megatron_kd.plan import plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-kd",
@@ -52,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace whatever checkpoint.save holds")
 
+    _add_plan_parser(sub)
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
     return parser
@@ -89,6 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _train(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "plan":
+            return _plan(args)
         return _preprocess(args, rest)
     except Exception as e:
         if not isinstance(e, _input_errors()):

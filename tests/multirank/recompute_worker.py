@@ -22,8 +22,20 @@ def run(model_cfg, parallel, state, batch, seed):
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    loss = model(batch["tokens"], batch["position_ids"], document_attention_mask(batch["doc"]),
-                 labels=batch["labels"]).sum()
+    saved = {}  # storage pointer -> bytes of every tensor autograd saves for backward
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and t.is_floating_point():  # activations, not weights or index tensors
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(batch["tokens"], batch["position_ids"], document_attention_mask(batch["doc"]),
+                     labels=batch["labels"]).sum()
+    calls["saved_bytes"] = sum(saved.values())
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, calls
 
