@@ -53,6 +53,13 @@ class ModelConfig:
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
     recompute_modules: Optional[str] = None
+    # FP8 through transformer-engine (Megatron-LM's --fp8-format/--fp8-recipe/...): format
+    # e4m3|hybrid (None = off), recipe delayed (amax history) | tensorwise (current scaling)
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_margin: int = 0
 
     def __post_init__(self):
         n = _SECTION_NAMES.get(type(self).__name__, "model")  # model / teacher
@@ -84,6 +91,14 @@ class ModelConfig:
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"{n}.rotary_percent: expected (0, 1], got {self.rotary_percent}")
         _check_recompute(self, n)
+        if self.fp8 not in (None, "e4m3", "hybrid"):
+            raise ConfigError(f"{n}.fp8: expected e4m3|hybrid (or null = off), got {self.fp8!r}")
+        if self.fp8_recipe not in ("delayed", "tensorwise"):
+            raise ConfigError(f"{n}.fp8_recipe: expected delayed|tensorwise (current scaling), "
+                              f"got {self.fp8_recipe!r}")
+        if self.fp8_amax_compute_algo not in ("max", "most_recent"):
+            raise ConfigError(f"{n}.fp8_amax_compute_algo: expected max|most_recent, "
+                              f"got {self.fp8_amax_compute_algo!r}")
 
 
 _RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe_act", "moe", "shared_experts", "mla_up_proj")
@@ -528,6 +543,10 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(
             f"data.seq_length={d.seq_length} is not divisible by 2 x context_parallel_size = {cp_chunks}"
         )
+    if m.fp8 and not t.bf16:
+        raise ConfigError(f"model.fp8={m.fp8} needs train.bf16=true (FP8 GEMMs with bf16 elsewhere)")
+    if cfg.teacher is not None and cfg.teacher.fp8 and not cfg.teacher.bf16:
+        raise ConfigError(f"teacher.fp8={cfg.teacher.fp8} needs teacher.bf16=true")
     if p.context_parallel_size > 1:
         if m.attention_dropout:  # (the teacher runs in eval mode: no dropout either way)
             raise ConfigError(

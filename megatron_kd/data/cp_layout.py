@@ -127,12 +127,49 @@ def cp_capacity(cfg) -> int:
                     p.context_parallel_padding)
 
 
-def cp_shards(batches, cfg):
-    """Map an iterator of whole-window micro-batches to this CP rank's shards. Every CP rank of
-    a data-parallel replica reads the same windows (megatron's DP rank excludes CP)."""
+def thd_cu_seqlens(document_ids: torch.Tensor, cp_size: int, cap: int) -> torch.Tensor:
+    """``[b, s]`` whole-window document ids -> int32 ``[2, n+1]``: (``cu_seqlens``,
+    ``cu_seqlens_padded``) of TE's THD format over the micro-batch's windows flattened
+    window-major, one sequence per document. Refuses a window whose per-document padding does not
+    fit the budget (TE masks by sequence, so merged segments would attend across documents)."""
+    from megatron_kd.data.errors import DataError
+
+    real, padded = [0], [0]
+    for row in document_ids:
+        docs = segment_lengths(row)
+        segs, sizes = plan_segments(docs, cp_size, cap) if cp_size > 1 else (docs, docs)
+        if len(segs) != len(docs):
+            raise DataError(
+                f"a window has {len(docs)} documents whose padding to multiples of 2 x CP = "
+                f"{2 * cp_size} exceeds parallel.context_parallel_padding (capacity {cap}); raise it")
+        for n, size in zip(segs, sizes):
+            real.append(real[-1] + n)  # cumulative real lengths
+            padded.append(padded[-1] + size)  # offsets in the (padded) token tensor
+    return torch.tensor([real, padded], dtype=torch.int32)
+
+
+def layout_batches(batches, cfg):
+    """The run's micro-batch iterator in the attention backend's layout: this CP rank's shard
+    when CP > 1 (every CP rank of a data-parallel replica reads the same windows: megatron's DP
+    rank excludes CP), and TE's THD ``cu_seqlens`` on the TE spec. Unchanged otherwise."""
+    from megatron_kd import platform
+
+    cp = cfg.parallel.context_parallel_size
+    te = platform.layer_spec_kind() == "te"
+    if cp == 1 and not te:
+        return batches
+    return _layout(batches, cfg, cp, te)
+
+
+def _layout(batches, cfg, cp, te):
     from megatron.core import parallel_state as ps
 
-    cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    rank = ps.get_context_parallel_rank() if cp > 1 else 0
     cap = cp_capacity(cfg)
     for batch in batches:
-        yield shard_batch(batch, cp, rank, cap)
+        cu = thd_cu_seqlens(batch["document_ids"], cp, cap) if te else None
+        if cp > 1:
+            batch = shard_batch(batch, cp, rank, cap)
+        if cu is not None:
+            batch = {**batch, "thd_cu_seqlens": cu}
+        yield batch

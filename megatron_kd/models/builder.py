@@ -19,6 +19,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_
 def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
     from megatron.core.transformer import TransformerConfig
 
+    if model_cfg.fp8 and platform.layer_spec_kind() != "te":
+        from megatron_kd.config import ConfigError
+
+        raise ConfigError(f"fp8={model_cfg.fp8}: FP8 needs transformer-engine on CUDA (the GPU extra); "
+                          "this process has the local spec")
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
@@ -58,7 +63,18 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         recompute_num_layers=model_cfg.recompute_num_layers,
         recompute_modules=(None if model_cfg.recompute_modules is None else
                            [x.strip() for x in model_cfg.recompute_modules.split(",")]),
+        **_fp8_kwargs(model_cfg),
     )
+
+
+def _fp8_kwargs(model_cfg) -> dict:
+    """TransformerConfig's FP8 fields (megatron-core 0.16: fp8 = format, fp8_recipe 'delayed' or
+    'tensorwise' = current scaling); TE applies them per layer via megatron's get_fp8_context."""
+    if not model_cfg.fp8:
+        return {}
+    return dict(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe, fp8_margin=model_cfg.fp8_margin,
+                fp8_amax_history_len=model_cfg.fp8_amax_history_len,
+                fp8_amax_compute_algo=model_cfg.fp8_amax_compute_algo)
 
 
 def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16: bool = False,

@@ -43,15 +43,21 @@ class _Ring:
         self.next, self.prev = ranks[(i + 1) % len(ranks)], ranks[(i - 1) % len(ranks)]
 
     def start(self, tensors, tag):
-        """Post send of each tensor to next and a receive of the same shape from prev."""
-        ops, recv = [], []
+        """Post send of each tensor to next and a receive of the same shape from prev. Batched on
+        NCCL (which needs it to pair sends and receives); separate tagged ops under gloo (see
+        platform.batch_p2p_comm)."""
+        from megatron_kd import platform
+
+        p2p, recv = [], []
         for k, t in enumerate(tensors):
             t = t.contiguous()
             r = torch.empty_like(t)
-            ops.append(torch.distributed.isend(t, self.next, group=self.group, tag=tag + 100 * k))
-            ops.append(torch.distributed.irecv(r, self.prev, group=self.group, tag=tag + 100 * k))
+            p2p.append(torch.distributed.P2POp(torch.distributed.isend, t, self.next, self.group, tag + 100 * k))
+            p2p.append(torch.distributed.P2POp(torch.distributed.irecv, r, self.prev, self.group, tag + 100 * k))
             recv.append(r)
-        return ops, recv
+        if platform.batch_p2p_comm():
+            return torch.distributed.batch_isend_irecv(p2p), recv
+        return [op.op(op.tensor, op.peer, group=op.group, tag=op.tag) for op in p2p], recv
 
     @staticmethod
     def finish(pending):

@@ -16,7 +16,7 @@ import torch
 
 from megatron_kd import distributed, platform
 from megatron_kd.config import ConfigError, RunConfig, validate_layout
-from megatron_kd.data.cp_layout import cp_capacity
+from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
 from megatron_kd.training.metrics import MetricsLogger
 from megatron_kd.training.objective import CrossEntropyObjective
@@ -199,10 +199,8 @@ class Trainer:
         # middle stages need positions and document ids for RoPE and the attention mask.
         its = [build_data_iterator(dataset, consumed, self.cfg.train.micro_batch_size,
                                    self.dp_rank, self.dp_size) for _ in range(n)]
-        if self.cfg.parallel.context_parallel_size > 1:
-            from megatron_kd.data.cp_layout import cp_shards
-
-            its = [cp_shards(i, self.cfg) for i in its]
+        # CP shards and/or TE THD metadata (data/cp_layout.py); unchanged on the CPU at CP = 1
+        its = [layout_batches(i, self.cfg) for i in its]
         return its if n > 1 else its[0]
 
     def _forward_backward(self, data_iterator, forward_only: bool):

@@ -51,3 +51,19 @@ def test_recompute_reaches_transformer_config():
     cfg = load_config(None, ["model.recompute_granularity=selective", "model.recompute_modules=core_attn,mlp"])
     tc = transformer_config(cfg.model, cfg.parallel)
     assert tc.recompute_granularity == "selective" and tc.recompute_modules == ["core_attn", "mlp"]
+
+
+def test_fp8_keys():
+    with pytest.raises(ConfigError, match="model.fp8"):
+        load_config(None, ["model.fp8=e5m2"])
+    with pytest.raises(ConfigError, match="model.fp8_recipe"):
+        load_config(None, ["model.fp8=hybrid", "model.fp8_recipe=mxfp4"])
+    with pytest.raises(ConfigError, match="train.bf16=true"):
+        validate_layout(load_config(None, ["model.fp8=hybrid"]), 1)
+    # the CPU has no transformer-engine: refused by name before any model is built
+    from megatron_kd.models.builder import transformer_config
+
+    cfg = load_config(None, ["model.fp8=hybrid", "model.fp8_recipe=tensorwise", "train.bf16=true"])
+    validate_layout(cfg, 1)
+    with pytest.raises(ConfigError, match="transformer-engine"):
+        transformer_config(cfg.model, cfg.parallel, bf16=True)

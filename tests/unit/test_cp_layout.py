@@ -83,3 +83,22 @@ def test_capacity_rounding():
     assert capacity(64, 2, padding=5) == 72  # multiple of 2*CP
     assert capacity(64, 2, tp_size=2, padding=1) == 72  # multiple of 2*CP*TP (sequence parallel)
     assert capacity(131072, 8) == 131072 + 8192
+
+
+def test_thd_cu_seqlens_for_te():
+    from megatron_kd.data.cp_layout import thd_cu_seqlens
+    from megatron_kd.data.errors import DataError
+
+    lengths = [[7, 23, 1, 33], [64]]
+    doc = torch.stack([torch.repeat_interleave(torch.arange(len(c)), torch.tensor(c)) for c in lengths])
+    # no CP: one sequence per document, no padding, windows flattened window-major
+    cu = thd_cu_seqlens(doc, 1, 64)
+    assert cu.dtype == torch.int32
+    assert cu[0].tolist() == cu[1].tolist() == [0, 7, 30, 31, 64, 128]
+    # CP=2: padded to multiples of 4; the last sequence of a window absorbs the tail capacity
+    cu = thd_cu_seqlens(doc, 2, 80)
+    assert cu[0].tolist() == [0, 7, 30, 31, 64, 128]
+    assert cu[1].tolist() == [0, 8, 32, 36, 80, 160]
+    assert all((b - a) % 4 == 0 for a, b in zip(cu[1].tolist(), cu[1].tolist()[1:]))
+    with pytest.raises(DataError, match="parallel.context_parallel_padding"):
+        thd_cu_seqlens(doc, 2, 64)  # no room for per-document padding: TE would mix documents
