@@ -88,6 +88,26 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def reset_peak_memory() -> None:
+    """Start a fresh peak-memory measurement (device memory; a no-op on the CPU)."""
+    if cuda_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory allocated since :func:`reset_peak_memory` (0 on the CPU, where the
+    allocator gives no comparable number)."""
+    return int(torch.cuda.max_memory_allocated()) if cuda_available() else 0
+
+
+def device_count() -> int:
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if cuda_available() else "cpu"
+
+
 def rng_states() -> dict:
     """All RNG states this process needs to resume bit-for-bit."""
     import random

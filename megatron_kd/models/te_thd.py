@@ -74,7 +74,9 @@ def check_layout_indices_match_te(document_ids: torch.Tensor, cp_size: int, cap:
     """GPU check: our per-rank token order equals TE's ``thd_get_partitioned_indices``."""
     import transformer_engine_torch as tex
 
-    cu = thd_cu_seqlens(document_ids[None], cp_size, cap)[1].to("cuda")
+    from megatron_kd import platform
+
+    cu = thd_cu_seqlens(document_ids[None], cp_size, cap)[1].to(platform.device())
     ours = layout_indices(document_ids, cp_size, cap)[0]
     for r in range(cp_size):
         te_idx = tex.thd_get_partitioned_indices(cu, cap, cp_size, r).cpu()  # padded slots
