@@ -96,6 +96,31 @@ def _add_convert_parser(sub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="per-rank memory (parameters, gradients, optimizer, activations, "
+                                    "logits, teacher) and expected tokens/s of a recipe's layout")
+    p.add_argument("--config", help="YAML recipe, e.g. examples/paper/phase2_kd_10k_to_500k.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides, e.g. parallel.context_parallel_size=8")
+    p.add_argument("--world", type=int, default=None, help="number of ranks (default TP x PP x CP)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="true vocabulary size (default: from data.tokenizer_model)")
+    p.add_argument("--mfu", type=float, default=0.45, help="assumed model-FLOPs utilisation (0.45)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak TFLOP/s per rank (H100 SXM bf16 dense: 989)")
+    p.add_argument("--doc-length", type=int, default=None,
+                   help="mean packed-document length for attention FLOPs (default: seq_length)")
+    p.add_argument("--attention", default="te", choices=("te", "local"),
+                   help="te: fused O(s) attention (GPU); local: dense O(s^2) (CPU)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan(args) -> int:
+    from megatron_kd.plan import plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-kd",
@@ -122,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_drift_parser(sub)
     _add_convert_parser(sub)
+    _add_plan_parser(sub)
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
     return parser
@@ -165,6 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _drift(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "plan":
+            return _plan(args)
         return _preprocess(args, rest)
     except Exception as e:
         if not isinstance(e, _input_errors()):

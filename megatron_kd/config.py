@@ -70,6 +70,20 @@ class ModelConfig:
     moe_router_score_function: str = "sigmoid"  # softmax | sigmoid
     moe_apply_probs_on_input: bool = True  # Llama-4 scales the expert input by the router score
     moe_token_dispatcher_type: str = "allgather"  # allgather works on CPU/gloo; alltoall on GPUs
+    # activation recompute (Megatron-LM's --recompute-*; megatron-core TransformerConfig):
+    # granularity full|selective, method uniform|block (full only), layers per unit / per stage,
+    # modules for selective as "core_attn,mlp,layernorm" (None = megatron's ["core_attn"])
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[str] = None
+    # FP8 through transformer-engine (Megatron-LM's --fp8-format/--fp8-recipe/...): format
+    # e4m3|hybrid (None = off), recipe delayed (amax history) | tensorwise (current scaling)
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_margin: int = 0
 
     def __post_init__(self):
         n = _SECTION_NAMES.get(type(self).__name__, "model")  # model / teacher
@@ -101,6 +115,46 @@ class ModelConfig:
             )
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"{n}.rotary_percent: expected (0, 1], got {self.rotary_percent}")
+        _check_recompute(self, n)
+        if self.fp8 not in (None, "e4m3", "hybrid"):
+            raise ConfigError(f"{n}.fp8: expected e4m3|hybrid (or null = off), got {self.fp8!r}")
+        if self.fp8_recipe not in ("delayed", "tensorwise"):
+            raise ConfigError(f"{n}.fp8_recipe: expected delayed|tensorwise (current scaling), "
+                              f"got {self.fp8_recipe!r}")
+        if self.fp8_amax_compute_algo not in ("max", "most_recent"):
+            raise ConfigError(f"{n}.fp8_amax_compute_algo: expected max|most_recent, "
+                              f"got {self.fp8_amax_compute_algo!r}")
+
+
+_RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe_act", "moe", "shared_experts", "mla_up_proj")
+
+
+def _check_recompute(m, n: str) -> None:
+    """Megatron-LM's rules for the --recompute-* flags, as one-line errors before any build."""
+    g, method, layers = m.recompute_granularity, m.recompute_method, m.recompute_num_layers
+    if g is None:
+        if method is not None or layers is not None:
+            raise ConfigError(f"{n}.recompute_method / {n}.recompute_num_layers need "
+                              f"{n}.recompute_granularity (full or selective)")
+        return
+    if g not in ("full", "selective"):
+        raise ConfigError(f"{n}.recompute_granularity: expected full|selective, got {g!r}")
+    if g == "full":
+        if method not in ("uniform", "block"):
+            raise ConfigError(f"{n}.recompute_method: expected uniform|block with "
+                              f"recompute_granularity=full, got {method!r}")
+        if layers is None or not 1 <= layers <= m.num_layers:
+            raise ConfigError(f"{n}.recompute_num_layers: expected 1..num_layers({m.num_layers}) "
+                              f"with recompute_granularity=full, got {layers!r}")
+    else:
+        if method is not None or layers is not None:
+            raise ConfigError(f"{n}.recompute_method / {n}.recompute_num_layers: must be unset with "
+                              "recompute_granularity=selective (it recomputes modules in every layer)")
+    if m.recompute_modules is not None:
+        bad = [x for x in m.recompute_modules.split(",") if x.strip() not in _RECOMPUTE_MODULES]
+        if bad:
+            raise ConfigError(f"{n}.recompute_modules: unknown {bad}; expected a comma-separated "
+                              f"subset of {','.join(_RECOMPUTE_MODULES)}")
 
 
 def _check_hf_family_options(m, n: str) -> None:
@@ -133,6 +187,10 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # context parallelism (data/cp_layout.py): token slots per window for per-document padding
+    # to multiples of 2 x CP (None = seq_length / 16); Megatron-LM's --cp-comm-type
+    context_parallel_padding: Optional[int] = None
+    cp_comm_type: str = "p2p"
 
     def __post_init__(self):
         _positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -145,11 +203,12 @@ class ParallelConfig:
                     "parallel.virtual_pipeline_model_parallel_size needs "
                     "parallel.pipeline_model_parallel_size >= 2"
                 )
-        if self.context_parallel_size > 1:
-            raise ConfigError(
-                "parallel.context_parallel_size > 1 is not available yet (needs the ring "
-                "attention backend); expected 1"
-            )
+        if self.context_parallel_padding is not None and self.context_parallel_padding < 0:
+            raise ConfigError("parallel.context_parallel_padding: expected >= 0 (token slots per "
+                              f"window for per-document CP padding), got {self.context_parallel_padding}")
+        if self.cp_comm_type != "p2p":
+            raise ConfigError(f"parallel.cp_comm_type: expected 'p2p' (the ring; the one TE supports "
+                              f"with THD in every 2.x), got {self.cp_comm_type!r}")
 
 
 @dataclass
@@ -608,6 +667,16 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(
             f"data.seq_length={d.seq_length} is not divisible by 2 x context_parallel_size = {cp_chunks}"
         )
+    if m.fp8 and not t.bf16:
+        raise ConfigError(f"model.fp8={m.fp8} needs train.bf16=true (FP8 GEMMs with bf16 elsewhere)")
+    if cfg.teacher is not None and cfg.teacher.fp8 and not cfg.teacher.bf16:
+        raise ConfigError(f"teacher.fp8={cfg.teacher.fp8} needs teacher.bf16=true")
+    if p.context_parallel_size > 1:
+        if m.attention_dropout:  # (the teacher runs in eval mode: no dropout either way)
+            raise ConfigError(
+                f"model.attention_dropout={m.attention_dropout}: the context-parallel ring attention "
+                f"(parallel.context_parallel_size={p.context_parallel_size}) has no attention "
+                "dropout; expected 0")
     if p.virtual_pipeline_model_parallel_size and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline_model_parallel_size:
         raise ConfigError(
             "interleaved pipeline: micro-batches per step "

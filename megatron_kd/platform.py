@@ -88,6 +88,26 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def reset_peak_memory() -> None:
+    """Start a fresh peak-memory measurement (device memory; a no-op on the CPU)."""
+    if cuda_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory allocated since :func:`reset_peak_memory` (0 on the CPU, where the
+    allocator gives no comparable number)."""
+    return int(torch.cuda.max_memory_allocated()) if cuda_available() else 0
+
+
+def device_count() -> int:
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if cuda_available() else "cpu"
+
+
 def rng_states() -> dict:
     """All RNG states this process needs to resume bit-for-bit."""
     import random
@@ -179,6 +199,8 @@ def _wrap_factory(fn):
     def wrapper(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _map_device(kwargs["device"])
+        # megatron's CP RoPE slicing asks for pinned host memory, which needs an accelerator
+        kwargs.pop("pin_memory", None)
         return fn(*args, **kwargs)
 
     return wrapper
@@ -345,6 +367,26 @@ def _patch_megatron_misc() -> None:
             setattr(optimizer_module, name, fn)
 
     _patch_optimizer_type_checks()
+    _patch_checkpoint_without_output()
+
+
+def _patch_checkpoint_without_output() -> None:
+    """megatron-core 0.16.1's ``CheckpointWithoutOutput.__init__`` sets ``self.fp8 = fp8 is not
+    None``, True for the default ``fp8=False``, and then calls TE's FP8GlobalStateManager: selective
+    recompute of 'layernorm' (or 'mlp' norms) raises NameError without transformer-engine."""
+    if transformer_engine_available():
+        return
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    cls = mpu_random.CheckpointWithoutOutput
+    orig_init = cls.__init__
+
+    @functools.wraps(orig_init)
+    def __init__(self, fp8=False):
+        orig_init(self, fp8)
+        self.fp8 = bool(fp8)
+
+    cls.__init__ = __init__
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import torch
 
 from megatron_kd.kd.losses import kd_objective_loss
 from megatron_kd.training.objective import batch_to_device, masked_sum_and_count
-from megatron_kd.models.attention import attention_mask
+from megatron_kd.models.attention import attention_mask_for_batch
 
 
 class DistillationObjective:
@@ -21,7 +21,7 @@ class DistillationObjective:
 
     def forward_step(self, data_iterator, model):
         batch = batch_to_device(next(data_iterator), self.device)
-        output = model(batch["tokens"], batch["position_ids"], attention_mask(batch["document_ids"]),
+        output = model(batch["tokens"], batch["position_ids"], attention_mask_for_batch(batch),
                        labels=batch["labels"], loss_mask=batch["loss_mask"])
         return output, partial(self.loss_func, batch["loss_mask"])
 

@@ -19,6 +19,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_
 def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
     from megatron.core.transformer import TransformerConfig
 
+    if model_cfg.fp8 and platform.layer_spec_kind() != "te":
+        from megatron_kd.config import ConfigError
+
+        raise ConfigError(f"fp8={model_cfg.fp8}: FP8 needs transformer-engine on CUDA (the GPU extra); "
+                          "this process has the local spec")
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
@@ -54,6 +59,12 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
         **_hf_family_options(model_cfg),
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method,
+        recompute_num_layers=model_cfg.recompute_num_layers,
+        recompute_modules=(None if model_cfg.recompute_modules is None else
+                           [x.strip() for x in model_cfg.recompute_modules.split(",")]),
+        **_fp8_kwargs(model_cfg),
     )
 
 
@@ -87,6 +98,16 @@ def _hf_family_options(model_cfg) -> dict:
     return out
 
 
+def _fp8_kwargs(model_cfg) -> dict:
+    """TransformerConfig's FP8 fields (megatron-core 0.16: fp8 = format, fp8_recipe 'delayed' or
+    'tensorwise' = current scaling); TE applies them per layer via megatron's get_fp8_context."""
+    if not model_cfg.fp8:
+        return {}
+    return dict(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe, fp8_margin=model_cfg.fp8_margin,
+                fp8_amax_history_len=model_cfg.fp8_amax_history_len,
+                fp8_amax_compute_algo=model_cfg.fp8_amax_compute_algo)
+
+
 def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16: bool = False,
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                 vp_stage: Optional[int] = None):
@@ -104,8 +125,13 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
                                parallel_cfg.tensor_model_parallel_size)
-    model_cls, spec = PositionIdGPTModel, layer_spec(model_cfg)
+    model_cls, spec = PositionIdGPTModel, layer_spec(model_cfg, parallel_cfg.context_parallel_size)
     if llama4.needs_custom_layers(model_cfg):  # MoE / iRoPE pieces: per-layer specs
+        if parallel_cfg.context_parallel_size > 1:
+            from megatron_kd.config import ConfigError
+
+            raise ConfigError("parallel.context_parallel_size > 1 with the Llama-4 model options (MoE, "
+                              "QK L2 norm, chunked attention, temperature tuning): not supported yet")
         model_cls, spec = llama4.Llama4GPTModel, llama4.decoder_block_spec(model_cfg, config, vp_stage)
     model = model_cls(
         config=config,

@@ -16,6 +16,7 @@ import torch
 
 from megatron_kd import distributed, platform
 from megatron_kd.config import ConfigError, RunConfig, validate_layout
+from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
 from megatron_kd.training.metrics import MetricsLogger
 from megatron_kd.training.objective import CrossEntropyObjective
@@ -100,7 +101,8 @@ def reduce_losses(losses: list) -> Optional[dict]:
         for i, name in enumerate(names):
             total[i] += report[name].to(torch.float64).cpu()
     total = total.to(platform.device())
-    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    # CP ranks hold disjoint tokens of the same windows: their sums and counts add up too.
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return {name: (total[i, 0] / total[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
 
 
@@ -205,6 +207,8 @@ class Trainer:
         # middle stages need positions and document ids for RoPE and the attention mask.
         its = [build_data_iterator(dataset, consumed, self.cfg.train.micro_batch_size,
                                    self.dp_rank, self.dp_size) for _ in range(n)]
+        # CP shards and/or TE THD metadata (data/cp_layout.py); unchanged on the CPU at CP = 1
+        its = [layout_batches(i, self.cfg) for i in its]
         return its if n > 1 else its[0]
 
     def _forward_backward(self, data_iterator, forward_only: bool):
@@ -215,7 +219,8 @@ class Trainer:
             data_iterator=data_iterator,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=self.num_microbatches,
-            seq_length=self.cfg.data.seq_length,
+            # the CP layout's window length (megatron divides it by CP for the p2p shapes)
+            seq_length=cp_capacity(self.cfg),
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from megatron_kd.models.attention import attention_mask
+from megatron_kd.models.attention import attention_mask_for_batch
 
 
 def batch_to_device(batch: dict, device) -> dict:
@@ -42,7 +42,7 @@ class CrossEntropyObjective:
         output = model(
             batch["tokens"],
             batch["position_ids"],
-            attention_mask(batch["document_ids"]),
+            attention_mask_for_batch(batch),
             labels=batch["labels"],
         )
         return output, partial(self.loss_func, batch["loss_mask"])

@@ -1,0 +1,123 @@
+"""GPU worker for tests/gpu (torchrun, NCCL, transformer-engine). NOT RUN in the session that
+wrote it (no GPU there). Prints one ``RESULT {json}`` line per rank.
+
+    te_worker.py packed       # 1 rank: DESIGN.md per-document reference on the TE THD path
+    te_worker.py cp_vs_ring   # 2 ranks: TE's CP (p2p) attention vs models/ring_attention.py
+"""
+import json
+import sys
+
+import torch
+
+
+def packed_reference():
+    """Every document of a packed window (TE THD, global positions) equals its own forward at its
+    global offset; a learned-absolute model proves that a wrong offset fails."""
+    from megatron_kd import distributed, platform
+    from megatron_kd.config import ModelConfig, ParallelConfig
+    from megatron_kd.data.cp_layout import thd_cu_seqlens
+    from megatron_kd.data.packing import document_ids_from_tokens, position_ids_from_document_ids
+    from megatron_kd.models import build_model
+
+    distributed.init_distributed()
+    assert platform.layer_spec_kind() == "te", "needs CUDA + transformer-engine"
+    parallel = ParallelConfig()
+    distributed.init_model_parallel(parallel, seed=7)
+    seq, vocab, eos = 256, 250, 1
+    lengths = [17, 63, 1, 90, 40, 45]
+    assert sum(lengths) == seq
+    out = {}
+    for pos_type in ("rope", "learned_absolute"):
+        cfg = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=256, make_vocab_size_divisible_by=64, kv_channels=32,
+                          position_embedding_type=pos_type, max_position_embeddings=seq)
+        model = build_model(cfg, parallel, vocab_size=vocab, seq_length=seq, bf16=True).eval()
+        if pos_type == "learned_absolute":
+            with torch.no_grad():
+                model.embedding.position_embeddings.weight.normal_(0, 1.0)
+        g = torch.Generator().manual_seed(3)
+        tokens = torch.randint(2, vocab, (1, seq), generator=g)
+        ends = torch.cumsum(torch.tensor(lengths), 0) - 1
+        tokens[0, ends] = eos
+        doc = document_ids_from_tokens(tokens, eos)
+        pos = position_ids_from_document_ids(doc, reset=False)
+        dev = platform.device()
+        with torch.no_grad():
+            packed = model(tokens.to(dev), pos.to(dev), thd_cu_seqlens(doc, 1, seq).to(dev)).float()
+            applied_ok = torch.equal(model.applied_position_ids.cpu(), pos)
+            worst, wrong_min, start = 0.0, float("inf"), 0
+            for n in lengths:
+                t = tokens[:, start:start + n].to(dev)
+                one = torch.zeros(1, n, dtype=torch.long)
+                alone = model(t, torch.arange(start, start + n)[None].to(dev),
+                              thd_cu_seqlens(one, 1, n).to(dev)).float()
+                ref = packed[:, start:start + n]
+                worst = max(worst, ((alone - ref).abs().max() / ref.abs().max()).item())
+                if start > 0:
+                    wrong = model(t, torch.arange(n)[None].to(dev), thd_cu_seqlens(one, 1, n).to(dev)).float()
+                    wrong_min = min(wrong_min, ((wrong - ref).abs().max() / ref.abs().max()).item())
+                start += n
+        out[pos_type] = {"max_rel_diff": worst, "wrong_offset_min_rel_diff": wrong_min,
+                         "positions_applied": applied_ok}
+    print("RESULT " + json.dumps(out), flush=True)
+    distributed.destroy()
+
+
+def cp_vs_ring():
+    """Same q/k/v on 2 CP ranks: TE's THD attention with cp_comm_type p2p vs our ring attention
+    (fp32 reference, NCCL), forward and backward, on this rank's tokens."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_kd import distributed, platform
+    from megatron_kd.config import load_config
+    from megatron_kd.data.cp_layout import capacity, layout_indices, thd_cu_seqlens
+    from megatron_kd.models.builder import transformer_config
+    from megatron_kd.models.ring_attention import ring_attention
+    from megatron_kd.models.te_thd import thd_core_attention_class
+
+    distributed.init_distributed()
+    cfg = load_config(None, ["parallel.context_parallel_size=2", "model.num_attention_heads=8",
+                             "model.num_query_groups=2", "model.hidden_size=512", "train.bf16=true"])
+    distributed.init_model_parallel(cfg.parallel, seed=1)
+    rank, cp = ps.get_context_parallel_rank(), 2
+    dev = platform.device()
+    tc = transformer_config(cfg.model, cfg.parallel, bf16=True)
+    from megatron.core.transformer.enums import AttnMaskType
+
+    attn = thd_core_attention_class()(tc, layer_number=1, attn_mask_type=AttnMaskType.padding_causal,
+                                      attention_type="self", cp_comm_type="p2p").to(dev)
+    s, nq, ng, d = 1024, 8, 2, 64
+    lengths = [100, 300, 7, 417, 200]
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    cap = capacity(s, cp, padding=64)
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(cap, 1, nq, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(cap, 1, ng, d, generator=g) for _ in range(2))
+    idx = layout_indices(doc[0], cp, cap)[0]  # [cp, cap/cp] window index per slot (-1 padding)
+    # the full tensors are in padded-layout slot order; each rank takes its slots
+    mine = torch.arange(cap).view(cp, -1)[rank]
+    pick = lambda t: t[mine].to(dev).to(torch.bfloat16).requires_grad_()  # noqa: E731
+    ql, kl, vl = pick(q), pick(k), pick(v)
+    te_out = attn(ql, kl, vl, thd_cu_seqlens(doc, cp, cap).to(dev))
+    te_out.backward(dout[mine].to(dev).to(torch.bfloat16).reshape(te_out.shape))
+    real = idx[rank] >= 0
+    pad_index = s + torch.arange(cap).view(cp, -1)[rank]
+    meta = torch.stack([torch.where(real, doc[0][idx[rank].clamp(min=0)], torch.full_like(idx[rank], -1)),
+                        torch.where(real, idx[rank], pad_index)])[:, None].to(dev)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (ql, kl, vl))
+    ref = ring_attention(qr, kr, vr, meta, d ** -0.5, ps.get_context_parallel_group(),
+                         list(ps.get_context_parallel_global_ranks()))
+    ref.backward(dout[mine].to(dev).reshape(ref.shape))
+    r = real.to(dev)
+
+    def err(a, b):
+        return ((a.float()[r] - b.float()[r]).abs().max() / b.float()[r].abs().max()).item()
+
+    print("RESULT " + json.dumps({"rank": rank, "out": err(te_out.view(cap // cp, 1, -1), ref),
+                                  "dq": err(ql.grad, qr.grad), "dk": err(kl.grad, kr.grad),
+                                  "dv": err(vl.grad, vr.grad)}), flush=True)
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    {"packed": packed_reference, "cp_vs_ring": cp_vs_ring}[sys.argv[1]]()
