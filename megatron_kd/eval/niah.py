@@ -102,7 +102,7 @@ class NiahBuilder:
             return (len(self.tok.encode(text)) + self.gen <= length
                     and len(self.tok.encode(text + " " + value)) <= length)
 
-        n = largest_fitting(fits, 0, max(0, length // 2))
+        n = largest_fitting(fits, 0, length)  # every word is at least one token
         if n < 0:
             raise ConfigError(f"--lengths {length}: too short for niah: needle + question + "
                               f"{self.gen} generated tokens do not fit")
