@@ -192,7 +192,9 @@ def score_samples(model, prep: Prepared, batch_size: int, progress: bool) -> Lis
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
             prompts = [tok.encode(s.input) for s in chunk]
-            outs = greedy_generate(model, prompts, ttg, tok.vocab_size, eos_id=tok.eos_id,
+            # NIAH answers are one line: stop at a newline; RULER generates its full budget
+            stop = (lambda ids: "\n" in tok.decode(ids)) if task in NIAH_TASKS else None
+            outs = greedy_generate(model, prompts, ttg, tok.vocab_size, eos_id=tok.eos_id, stop_text=stop,
                                    use_cache=True, batch_size=batch_size, max_length=prep.limit)
             for s, p, o in zip(chunk, prompts, outs):
                 pred = postprocess_pred(tok.decode(o.ids))
