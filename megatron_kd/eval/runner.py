@@ -125,6 +125,11 @@ def prepare(req: EvalRequest) -> Prepared:
     if not tok_path:
         raise ConfigError(f"--checkpoint {run}: config.yaml has no data.tokenizer_model; pass --tokenizer")
     tok = load_tokenizer(tok_path)
+    if req.tokenizer and cfg.data.tokenizer_model and Path(cfg.data.tokenizer_model).exists():
+        trained = load_tokenizer(cfg.data.tokenizer_model)
+        if trained.vocab_size != tok.vocab_size:  # padding may hide this from the row check below
+            raise ConfigError(f"--tokenizer {tok_path}: vocab size {tok.vocab_size}, but the run was "
+                              f"trained with {cfg.data.tokenizer_model} (vocab size {trained.vocab_size})")
 
     rows = checkpoint_vocab_rows(ckpt_dir)
     mult = cfg.model.make_vocab_size_divisible_by
