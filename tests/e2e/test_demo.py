@@ -165,3 +165,14 @@ def test_teacher_stages_use_the_answer_objective_and_are_probed(demo):
         assert 0.0 <= st["heldout_exact_match"] <= 1.0
         train = [m for m in _metrics(Path(st["run"])) if m["split"] == "train"]
         assert train and all("answer loss" in m and "lm loss" in m for m in train), st["run"]
+
+
+def test_long_context_eval_written(demo):
+    """The demo runs the `megatron-kd eval` code on every model: NIAH heatmap + RULER per model."""
+    root, summary, _ = demo
+    assert "| KD student |" in (root / "eval" / "long_context.md").read_text()
+    for name in ("teacher", "phase1_student", "KD_student", "CE_student"):
+        res = json.loads((root / "eval" / name / "results.json").read_text())
+        assert set(res["summary"]["scores"]) == {"niah_passkey", "ruler:niah_single_1"}
+        assert (root / "eval" / name / "niah_passkey_heatmap.png").is_file()
+    assert summary["seconds"]["long_context_eval"] > 0
