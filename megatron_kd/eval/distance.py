@@ -32,11 +32,13 @@ def by_distance(records: Sequence[dict], edges: Sequence[int]) -> List[dict]:
     for lo, hi in zip(edges[:-1], edges[1:]):
         rs = [r for r in records if r.get("distance") is not None and lo < r["distance"] <= hi]
         if rs:
-            out.append({"lo": lo, "hi": hi, "n": len(rs), "accuracy": sum(r["score"] for r in rs) / len(rs) / 100})
+            acc = sum(r["score"] for r in rs) / len(rs) / 100
+            out.append({"lo": lo, "hi": hi, "n": len(rs), "accuracy": acc})
     return out
 
 
-def plot(buckets: Dict[str, List[dict]], path: Path, train_doc_tokens: Optional[int] = None) -> Optional[Path]:
+def plot(buckets: Dict[str, List[dict]], path: Path,
+         train_doc_tokens: Optional[int] = None) -> Optional[Path]:
     try:
         import matplotlib
 
@@ -48,7 +50,8 @@ def plot(buckets: Dict[str, List[dict]], path: Path, train_doc_tokens: Optional[
     for name, bs in buckets.items():
         ax.plot([(b["lo"] + b["hi"]) / 2 for b in bs], [b["accuracy"] for b in bs], marker="o", label=name)
     if train_doc_tokens:
-        ax.axvline(train_doc_tokens, color="gray", ls="--", label=f"longest training document ({train_doc_tokens})")
+        ax.axvline(train_doc_tokens, color="gray", ls="--",
+                   label=f"longest training document ({train_doc_tokens})")
     ax.set_xlabel("needle -> question distance (tokens)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)

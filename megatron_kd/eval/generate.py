@@ -18,8 +18,9 @@ megatron-core 0.16.1):
 Logits are vocab-parallel (``[s, b, V_pad/TP]`` per TP rank); the forward is asked to gather
 them over the TP group (megatron's ``runtime_gather_output=True``, which its inference path
 requires), and only the last position is materialized with a cache, so every rank takes the argmax
-of the same ``[b, V]`` and picks the same token. Pipeline parallelism is refused (:class:`GenerationError`): decoding would need a
-send/recv of the new token between stages for every step, which no evaluation here needs.
+of the same ``[b, V]`` and picks the same token. Pipeline parallelism is refused
+(:class:`GenerationError`): decoding would need a send/recv of the new token between stages for
+every step, which no evaluation here needs (checkpoints reload under any TP layout instead).
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def _batches(prompts: Sequence[Sequence[int]], batch_size: int, equal_lengths: b
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batch: List[int] = []
     for i in order:
-        if batch and (len(batch) == batch_size or (equal_lengths and len(prompts[i]) != len(prompts[batch[0]]))):
+        new_length = equal_lengths and len(prompts[i]) != len(prompts[batch[0]]) if batch else False
+        if batch and (len(batch) == batch_size or new_length):
             yield batch
             batch = []
         batch.append(i)

@@ -51,7 +51,8 @@ def depth_percents(n: int, spacing: str = "linear", lo: float = 0.0, hi: float =
     if spacing == "linear":
         return [round(float(x), 1) for x in xs]
     if spacing == "sigmoid":
-        return [round(100 / (1 + math.exp(-0.1 * (float(x) - 50))), 1) if 0 < x < 100 else float(x) for x in xs]
+        return [round(100 / (1 + math.exp(-0.1 * (float(x) - 50))), 1) if 0 < x < 100 else float(x)
+                for x in xs]
     raise ConfigError(f"--niah-spacing {spacing!r}: expected linear or sigmoid")
 
 
@@ -60,7 +61,8 @@ class NiahBuilder:
         presets = _presets()
         if preset not in presets:
             raise ConfigError(f"niah preset {preset!r}: expected one of {', '.join(presets)}")
-        self.tok, self.p, self.gen, self.seed, self.preset = tokenizer, presets[preset], max_new_tokens, seed, preset
+        self.tok, self.p, self.preset = tokenizer, presets[preset], preset
+        self.gen, self.seed = max_new_tokens, seed
         self.words = essay_words()
         self._ntok: Dict[int, int] = {}
 
@@ -107,7 +109,7 @@ class NiahBuilder:
             raise ConfigError(f"--lengths {length}: too short for niah: needle + question + "
                               f"{self.gen} generated tokens do not fit")
         text, needle, actual = self._text(start, n, depth, value)
-        return Sample(task=f"niah" if self.preset == "number" else f"niah_{self.preset}", length=length,
+        return Sample(task="niah" if self.preset == "number" else f"niah_{self.preset}", length=length,
                       index=index, input=text, outputs=[value], metric="all", tokens_to_generate=self.gen,
                       needle_chars=[text.find(needle)], depth=depth,
                       meta={"haystack_words": n, "actual_depth": round(actual, 1)})

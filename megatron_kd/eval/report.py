@@ -28,7 +28,8 @@ def markdown(table: Dict[str, Dict[int, float]], samples: int, title: str,
         lines += ["| task | " + " | ".join(str(L) for L in lengths) + " |",
                   "|---|" + "---:|" * len(lengths)]
         for task, by in table.items():
-            lines.append(f"| {task} | " + " | ".join(f"{by[L]:.1f}" if L in by else "-" for L in lengths) + " |")
+            cells = " | ".join(f"{by[L]:.1f}" if L in by else "-" for L in lengths)
+            lines.append(f"| {task} | {cells} |")
     if distance:
         lines += ["", "Needle tasks by needle -> question distance (tokens):", "",
                   "| distance | n | accuracy |", "|---|---:|---:|"]
@@ -72,18 +73,19 @@ def write(out_dir: Path, req, prep, records: List[dict], ppl: Optional[dict], se
         if png:
             pngs["needle_distance"] = str(png)
     if ppl:
-        png = perplexity.plot({Path(req.checkpoint).name: ppl["buckets"]}, out_dir / "perplexity_by_position.png",
-                              prep.cfg.data.seq_length)
+        png = perplexity.plot({Path(req.checkpoint).name: ppl["buckets"]},
+                              out_dir / "perplexity_by_position.png", prep.cfg.data.seq_length)
         if png:
             pngs["perplexity_by_position"] = str(png)
     cells = {}
     for task in sorted({r["task"] for r in records if r["task"].startswith("niah")}):
-        cells[task] = [{"length": L, "depth": d, "accuracy": a}
-                       for (L, d), a in sorted(niah.cell_scores([r for r in records if r["task"] == task]).items())]
+        scores = niah.cell_scores([r for r in records if r["task"] == task])
+        cells[task] = [{"length": L, "depth": d, "accuracy": a} for (L, d), a in sorted(scores.items())]
     summary = {
         "checkpoint": str(prep.ckpt_dir), "tokenizer": prep.tokenizer.path, "tp": req.tp,
         "lengths": req.lengths, "samples": req.samples, "tasks": prep.tasks,
-        "ruler_word_source": word_source(), "scores": {t: {str(L): s for L, s in by.items()} for t, by in table.items()},
+        "ruler_word_source": word_source(),
+        "scores": {t: {str(L): s for L, s in by.items()} for t, by in table.items()},
         "niah_cells": cells, "needle_distance": dist_buckets, "train_doc_tokens": req.train_doc_tokens,
         "perplexity": ppl, "pngs": pngs, "seconds": round(seconds, 1),
     }

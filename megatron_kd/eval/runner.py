@@ -161,7 +161,8 @@ def prepare(req: EvalRequest) -> Prepared:
             samples += builder.grid(req.lengths, niah_depths, req.samples)
         elif task.startswith("ruler:"):
             for L in req.lengths:
-                samples += ruler.generate(task.split(":", 1)[1], tok, L, req.samples, req.seed, req.max_new_tokens)
+                samples += ruler.generate(task.split(":", 1)[1], tok, L, req.samples, req.seed,
+                                          req.max_new_tokens)
     out_dir = Path(req.out_dir) if req.out_dir else run / "eval"
     return Prepared(cfg, tok, samples, limit, ckpt_dir, out_dir, list(req.tasks))
 
@@ -213,8 +214,6 @@ def score_samples(model, prep: Prepared, batch_size: int, progress: bool) -> Lis
 
 
 def _progress(total: int, enabled: bool):
-    from megatron_kd import platform  # noqa: F401  (keeps import order: platform before tqdm output)
-
     try:
         import torch.distributed as dist
         rank0 = not dist.is_initialized() or dist.get_rank() == 0

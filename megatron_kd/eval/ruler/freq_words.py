@@ -20,7 +20,8 @@ class FreqWordsTask:
     def __init__(self, args: dict, length: int, seed: int):
         self.alpha = float(args.get("alpha", 2.0))
         self.wordlen = int(args.get("coded_wordlen", 6))
-        self.vocab_size = max(4, length // 50) if int(args.get("vocab_size", -1)) == -1 else int(args["vocab_size"])
+        size = int(args.get("vocab_size", -1))
+        self.vocab_size = max(4, length // 50) if size == -1 else size
         self.seed = seed
         self._zeta = zeta(self.alpha)
 

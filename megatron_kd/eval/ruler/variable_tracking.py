@@ -28,7 +28,8 @@ class VariableTrackingTask:
     def _chains(self, rng, is_icl):
         k = 3 if is_icl else 5
         hops = min(10, self.num_hops) if is_icl else self.num_hops
-        names = ["".join(rng.choices(string.ascii_uppercase, k=k)) for _ in range((hops + 1) * self.num_chains)]
+        names = ["".join(rng.choices(string.ascii_uppercase, k=k))
+                 for _ in range((hops + 1) * self.num_chains)]
         while len(set(names)) < self.num_chains * (hops + 1):
             names.append("".join(rng.choices(string.ascii_uppercase, k=k)))
         names = list(dict.fromkeys(names))
