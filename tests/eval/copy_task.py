@@ -49,7 +49,7 @@ class _CharTokenizer:
         return list(range(len(text) // 3))
 
 
-def build(root: Path, iters: int = ITERS, docs: int = 1500) -> Path:
+def build(root: Path, iters: int = ITERS, docs: int = 1500, answer_weighted: bool = False) -> Path:
     """Tokenizer + indexed dataset + trained run; returns the run directory."""
     from megatron_kd.config import load_config
     from megatron_kd.data import load_tokenizer, preprocess, train_sentencepiece, write_jsonl
@@ -68,8 +68,24 @@ def build(root: Path, iters: int = ITERS, docs: int = 1500) -> Path:
     run = root / "run"
     recipe = root / "copy.yaml"
     recipe.write_text(RECIPE.format(prefix=prefix, tok=tok_path, length=LENGTH, iters=iters, run=run))
-    train(load_config(str(recipe)), overwrite=True)
+    factory = None
+    if answer_weighted:
+        factory = _answer_objective(tok, train_docs)
+    train(load_config(str(recipe)), overwrite=True, objective_factory=factory)
     return run
+
+
+def _answer_objective(tok, docs):
+    """The demo teacher's objective (answer-token CE + the mean LM loss), pointed at the answer
+    after RULER's answer prefix: the prompt's last tokens are the same in every document."""
+    from megatron_kd.eval.passkey import AnswerObjective
+
+    prompts = [tok.encode(d.input) for d in docs[:50]]
+    q = prompts[0][-4:]
+    assert all(p[-4:] == q for p in prompts), "answer prefixes tokenize differently"
+    full = tok.encode(docs[0].input + " " + docs[0].outputs[0] + ".")
+    key_len = len(full) - len(prompts[0]) - 1  # the value's tokens, without the period
+    return AnswerObjective.factory(q, key_len, lm_weight=1.0)
 
 
 if __name__ == "__main__":
