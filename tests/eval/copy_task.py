@@ -1,16 +1,20 @@
-"""A tiny model trained with the project's own ``train()`` on RULER niah_single_1 documents
-(prompt + answer), for the honest end-to-end check: after training it must retrieve the 7-digit
-value of unseen prompts far above chance (chance of an exact 7-digit match ~ 1e-7).
+"""A tiny model trained with the project's own ``train()`` on single-needle NIAH documents (the
+passkey needle, 16 one-token colour keys), for the honest end-to-end check: afterwards it must
+retrieve the key of unseen prompts through ``megatron-kd eval`` far above chance (1/16).
 
-``python tests/eval/copy_task.py DIR`` builds and trains into DIR (also used by the test)."""
+Training uses the demo teacher's objective (``passkey.AnswerObjective``: CE on the answer key +
+the mean LM loss), which breaks the retrieval plateau within a few hundred steps at 64 tokens
+(plain CE does not at this budget: see docs/eval.md). ``python tests/eval/copy_task.py DIR``
+builds and trains into DIR (also used by the test)."""
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
-LENGTH = 160
-NEW_TOKENS = 8
-ITERS = 300  # ~770k tokens: ~60 s on one idle core
+LENGTH = 64
+NEW_TOKENS = 4
+ITERS = 250
 RECIPE = """\
 model:
   num_layers: 2
@@ -27,12 +31,12 @@ data:
   split: "100,0,0"
 train:
   micro_batch_size: 16
-  global_batch_size: 16
+  global_batch_size: 32
   train_iters: {iters}
-  lr: 0.005
-  min_lr: 0.0005
-  lr_warmup_iters: 20
-  log_interval: 50
+  lr: 0.003
+  min_lr: 0.0003
+  lr_warmup_iters: 10
+  log_interval: 25
   eval_interval: 0
   eval_iters: 0
   seed: 1
@@ -42,50 +46,36 @@ checkpoint:
 """
 
 
-class _CharTokenizer:
-    """Sizing stand-in before the real tokenizer exists: one token per 3 characters."""
-
-    def encode(self, text):
-        return list(range(len(text) // 3))
-
-
-def build(root: Path, iters: int = ITERS, docs: int = 1500, answer_weighted: bool = False) -> Path:
+def build(root: Path, iters: int = ITERS, docs: int = 6000) -> Path:
     """Tokenizer + indexed dataset + trained run; returns the run directory."""
     from megatron_kd.config import load_config
     from megatron_kd.data import load_tokenizer, preprocess, train_sentencepiece, write_jsonl
-    from megatron_kd.eval import ruler
+    from megatron_kd.eval import passkey
+    from megatron_kd.eval.haystack import essay_words
+    from megatron_kd.eval.niah import NiahBuilder
     from megatron_kd.training.loop import train
 
     root.mkdir(parents=True, exist_ok=True)
-    rough = ruler.generate("niah_single_1", _CharTokenizer(), 3 * LENGTH, 300, seed=7, max_new_tokens=8)
-    tok_path = train_sentencepiece([s.input + " " + s.outputs[0] + "." for s in rough], 1000, root / "tok")
+    words = essay_words()
+    texts = [" ".join(words[i:i + 100]) for i in range(0, 60_000, 100)]
+    tok_path = train_sentencepiece(texts + passkey.template_texts(3000, key_len=4), 600, root / "tok")
     tok = load_tokenizer(tok_path)
-    train_docs = ruler.generate("niah_single_1", tok, LENGTH - 1, docs, seed=11, max_new_tokens=NEW_TOKENS)
-    prefix = root / "copy"
-    write_jsonl((s.input + " " + s.outputs[0] + "." for s in train_docs), prefix.with_suffix(".jsonl"))
+    passkey.check_tokenizer(tok)  # every colour is one token
+    builder = NiahBuilder(tok, "passkey", max_new_tokens=2, seed=123)  # other seeds than the eval
+    rng = random.Random(0)
+    samples = [builder.sample(LENGTH - 1, rng.uniform(0, 100), i) for i in range(docs)]
+    prefix = root / "passkey"
+    write_jsonl((s.input + " " + s.outputs[0] + "." for s in samples), prefix.with_suffix(".jsonl"))
     preprocess([str(prefix.with_suffix(".jsonl"))], str(prefix), tokenizer_model=tok_path, workers=1,
                progress=False)
     run = root / "run"
-    recipe = root / "copy.yaml"
+    recipe = root / "passkey.yaml"
     recipe.write_text(RECIPE.format(prefix=prefix, tok=tok_path, length=LENGTH, iters=iters, run=run))
-    factory = None
-    if answer_weighted:
-        factory = _answer_objective(tok, train_docs)
-    train(load_config(str(recipe)), overwrite=True, objective_factory=factory)
+    question = tok.encode(samples[0].input)[-9:]  # "What is the pass key? The pass key is"
+    assert all(tok.encode(s.input)[-9:] == question for s in samples[:50])
+    objective = passkey.AnswerObjective.factory(question, key_len=1, lm_weight=1.0)
+    train(load_config(str(recipe)), overwrite=True, objective_factory=objective)
     return run
-
-
-def _answer_objective(tok, docs):
-    """The demo teacher's objective (answer-token CE + the mean LM loss), pointed at the answer
-    after RULER's answer prefix: the prompt's last tokens are the same in every document."""
-    from megatron_kd.eval.passkey import AnswerObjective
-
-    prompts = [tok.encode(d.input) for d in docs[:50]]
-    q = prompts[0][-4:]
-    assert all(p[-4:] == q for p in prompts), "answer prefixes tokenize differently"
-    full = tok.encode(docs[0].input + " " + docs[0].outputs[0] + ".")
-    key_len = len(full) - len(prompts[0]) - 1  # the value's tokens, without the period
-    return AnswerObjective.factory(q, key_len, lm_weight=1.0)
 
 
 if __name__ == "__main__":
