@@ -43,11 +43,11 @@ def test_trained_model_retrieves_and_cli_writes_outputs(run, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "niah,ruler:bogus"], "unknown task 'ruler:bogus'; expected a comma-separated list of niah"),
-    (["--lengths", "4k"], "longer than the model's position limit 64"),
+    (["--lengths", "4k"], "longer than the model's position limit 32"),
     (["--lengths", "12x"], "is not a token count"),
 ])
 def test_bad_input_is_one_line(run, capsys, argv, message):
-    args = {"--tasks": "niah", "--lengths": "64"}
+    args = {"--tasks": "niah", "--lengths": "32"}
     args.update(dict(zip(argv[::2], argv[1::2])))
     before = sorted(p.name for p in run.rglob("*"))
     rc, out = _cli(capsys, "--checkpoint", run, *[x for kv in args.items() for x in kv])
@@ -56,7 +56,7 @@ def test_bad_input_is_one_line(run, capsys, argv, message):
 
 
 def test_tokenizer_mismatch_is_one_line(run, capsys, tokenizer):
-    rc, out = _cli(capsys, "--checkpoint", run, "--tasks", "niah", "--lengths", "64",
+    rc, out = _cli(capsys, "--checkpoint", run, "--tasks", "niah", "--lengths", "32",
                    "--tokenizer", tokenizer.path)
     assert rc == 2 and "vocab size 2000" in out.err and "trained with" in out.err, out.err
     assert len(out.err.strip().splitlines()) == 1
