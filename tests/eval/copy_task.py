@@ -1,15 +1,14 @@
-"""A tiny model trained with the project's own ``train()`` on single-needle NIAH documents (the
-passkey needle, 16 one-token colour keys), for the honest end-to-end check: afterwards it must
-retrieve the key of unseen prompts through ``megatron-kd eval`` far above chance (1/16).
+"""A tiny model trained with the project's own ``train()`` for the honest end-to-end check: it
+must then retrieve the key of unseen ``niah_passkey`` prompts (Paul Graham haystack, passkey
+needle, 16 one-token colour keys) through ``megatron-kd eval`` far above chance (1/16).
 
-Model, length, batch, steps and objective are the demo teacher's first curriculum stage (README:
-held-out exact match 1.00 at 32 tokens after 250 steps; ``passkey.AnswerObjective``, CE on the
-answer key + the mean LM loss). Plain CE did not leave the retrieval plateau at this budget, and
-neither did a 64-token, d=64 variant within 75 steps (docs/eval.md). ``python tests/eval/copy_task.py DIR``
-builds and trains into DIR (also used by the test)."""
+Data, model, length, batch, steps and objective are the demo teacher's first curriculum stage
+(README: held-out exact match 1.00 at 32 tokens after 250 steps): passkey documents with the
+question asked 1-4 times, ``passkey.AnswerObjective`` (CE on the answer key + the mean LM loss).
+Plain CE on RULER niah_single_1 documents did not leave the retrieval plateau at this budget
+(docs/eval.md). ``python tests/eval/copy_task.py DIR`` builds and trains into DIR."""
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -47,13 +46,12 @@ checkpoint:
 """
 
 
-def build(root: Path, iters: int = ITERS, docs: int = 8000) -> Path:
+def build(root: Path, iters: int = ITERS, docs: int = 17600) -> Path:
     """Tokenizer + indexed dataset + trained run; returns the run directory."""
     from megatron_kd.config import load_config
     from megatron_kd.data import load_tokenizer, preprocess, train_sentencepiece, write_jsonl
     from megatron_kd.eval import passkey
     from megatron_kd.eval.haystack import essay_words
-    from megatron_kd.eval.niah import NiahBuilder
     from megatron_kd.training.loop import train
 
     root.mkdir(parents=True, exist_ok=True)
@@ -62,19 +60,20 @@ def build(root: Path, iters: int = ITERS, docs: int = 8000) -> Path:
     tok_path = train_sentencepiece(texts + passkey.template_texts(3000, key_len=4), 600, root / "tok")
     tok = load_tokenizer(tok_path)
     passkey.check_tokenizer(tok)  # every colour is one token
-    builder = NiahBuilder(tok, "passkey", max_new_tokens=2, seed=123)  # other seeds than the eval
-    rng = random.Random(0)
-    samples = [builder.sample(LENGTH - 1, rng.uniform(0, 100), i) for i in range(docs)]
+    # the demo teacher's training documents (passkey.PasskeyGenerator, question asked 1-4 times),
+    # filler from the essays: the same sentence format as the niah_passkey prompts it is tested on
+    gen = passkey.PasskeyGenerator(tok, texts, seed=123, key_len=1)
+    fit = (LENGTH - 1 - gen.overhead()) // gen.qa_tokens() + 1
+    docs_text = [gen.passkey_doc(LENGTH - 1, questions=gen.rng.randint(1, max(1, min(4, fit)))).text
+                 for _ in range(docs)]
     prefix = root / "passkey"
-    write_jsonl((s.input + " " + s.outputs[0] + "." for s in samples), prefix.with_suffix(".jsonl"))
+    write_jsonl(docs_text, prefix.with_suffix(".jsonl"))
     preprocess([str(prefix.with_suffix(".jsonl"))], str(prefix), tokenizer_model=tok_path, workers=1,
                progress=False)
     run = root / "run"
     recipe = root / "passkey.yaml"
     recipe.write_text(RECIPE.format(prefix=prefix, tok=tok_path, length=LENGTH, iters=iters, run=run))
-    question = tok.encode(samples[0].input)[-9:]  # "What is the pass key? The pass key is"
-    assert all(tok.encode(s.input)[-9:] == question for s in samples[:50])
-    objective = passkey.AnswerObjective.factory(question, key_len=1, lm_weight=1.0)
+    objective = passkey.AnswerObjective.factory(gen.question_ids(), key_len=1, lm_weight=1.0)
     train(load_config(str(recipe)), overwrite=True, objective_factory=objective)
     return run
 
