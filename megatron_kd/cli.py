@@ -24,6 +24,46 @@ def _demo(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from megatron_kd.eval.runner import EvalRequest, parse_lengths, parse_tasks, prepare, run_eval
+
+    req = EvalRequest(checkpoint=args.checkpoint, tasks=parse_tasks(args.tasks),
+                      lengths=parse_lengths(args.lengths), samples=args.samples, tp=args.tp,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      depths=args.depths, spacing=args.spacing, out_dir=args.out_dir,
+                      tokenizer=args.tokenizer, allow_longer=args.allow_longer,
+                      train_doc_tokens=args.train_doc_tokens, seed=args.seed)
+    prep = prepare(req)  # every input check and every prompt before torch.distributed starts
+    summary = run_eval(req, prep)
+    if summary:
+        print(summary["markdown"])
+        print(f"written: {prep.out_dir}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="long-context evaluation of a run's checkpoint: NIAH grid, RULER tasks, "
+                                    "needle distance, loss by position (launch --tp ranks with torchrun)")
+    e.add_argument("--checkpoint", required=True, help="training run directory (config.yaml + checkpoints/)")
+    e.add_argument("--tasks", default="niah", help="comma-separated: niah, niah_passkey, ruler (all 13), "
+                                                   "ruler:<task>, perplexity (default: niah)")
+    e.add_argument("--lengths", default="4k", help="context lengths in tokens, e.g. 4k,8k,512 (default: 4k)")
+    e.add_argument("--samples", type=int, default=4, help="samples per task x length (x NIAH depth)")
+    e.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= number of ranks)")
+    e.add_argument("--batch-size", type=int, default=4, help="prompts decoded together")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generated tokens per prompt (default: RULER's per task; 8 for niah)")
+    e.add_argument("--depths", type=int, default=5, help="NIAH needle depths (default 5)")
+    e.add_argument("--spacing", choices=("linear", "sigmoid"), default="linear", help="NIAH depth spacing")
+    e.add_argument("--out-dir", default=None, help="where results go (default: <checkpoint>/eval)")
+    e.add_argument("--tokenizer", default=None, help="override the run config's data.tokenizer_model")
+    e.add_argument("--allow-longer", action="store_true",
+                   help="RoPE models: allow lengths beyond the trained seq_length (length generalization)")
+    e.add_argument("--train-doc-tokens", type=int, default=None,
+                   help="longest training document (tokens), marked on the needle-distance plot")
+    e.add_argument("--seed", type=int, default=42)
+
+
 def _preprocess(args, rest) -> int:
     from megatron_kd.data.preprocess import main as preprocess_main
 
@@ -148,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drift_parser(sub)
     _add_convert_parser(sub)
     _add_plan_parser(sub)
+    add_eval_parser(sub)
+
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
     return parser
@@ -193,6 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _convert(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "eval":
+            return _eval(args)
         return _preprocess(args, rest)
     except Exception as e:
         if not isinstance(e, _input_errors()):

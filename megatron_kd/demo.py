@@ -227,6 +227,12 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
     results = passkey.evaluate_runs(runs, eval_set, lm_ids, tok.vocab_size, teacher_seq)
     timings["eval"] = round(time.time() - t, 1)
     table = passkey.format_table(results, chance)
+    # the same code as `megatron-kd eval`: NIAH grid (passkey needle) + RULER niah_single_1
+    from megatron_kd.eval.demo_eval import evaluate_demo_runs
+
+    t = time.time()
+    long_table = evaluate_demo_runs(runs, root / "eval", train_doc_tokens=p2_max)
+    timings["long_context_eval"] = round(time.time() - t, 1)
 
     eval_out = {
         "measures": ("teacher-forced exact match of all key tokens of the answer (argmax) in "
@@ -275,6 +281,8 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
     }
     (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n== demo: " + table.replace("\n", "\n   "), flush=True)
+    print("\n== demo long-context eval (megatron-kd eval code; heatmaps in "
+          f"{root / 'eval'}):\n" + long_table, flush=True)
     print(f"\n  what it measures: {eval_out['measures']}")
     print(f"  stage seconds: {json.dumps(summary['seconds'])}")
     print(f"  summary: {root / 'demo_summary.json'}; table: {root / 'eval' / 'passkey.json'}"

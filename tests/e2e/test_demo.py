@@ -183,3 +183,14 @@ def test_analysis_figures_written(demo):
         assert ev["rotary_base_before"] == 10000 and ev["rotary_base_after"] == 500000
         assert (out / f"{label}_fig11_by_frequency.png").is_file()
     assert summary["analysis"] == str(out / "analysis_summary.json")
+
+
+def test_long_context_eval_written(demo):
+    """The demo runs the `megatron-kd eval` code on every model: NIAH heatmap + RULER per model."""
+    root, summary, _ = demo
+    assert "| KD student |" in (root / "eval" / "long_context.md").read_text()
+    for name in ("teacher", "phase1_student", "KD_student", "CE_student"):
+        res = json.loads((root / "eval" / name / "results.json").read_text())
+        assert set(res["summary"]["scores"]) == {"niah_passkey", "ruler:niah_single_1"}
+        assert (root / "eval" / name / "niah_passkey_heatmap.png").is_file()
+    assert summary["seconds"]["long_context_eval"] > 0

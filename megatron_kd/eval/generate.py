@@ -1,0 +1,159 @@
+"""Greedy decoding from a megatron-core model, with megatron-core's static KV cache.
+
+Why megatron-core's ``StaticInferenceContext`` and not a hand-written cache: the cache lives inside
+megatron's ``Attention`` (``_adjust_key_value_for_inference``), so TP-sharded heads, GQA and the
+local/TE layer specs are handled by megatron itself. Two things are ours (written against
+megatron-core 0.16.1):
+
+* **Positions.** Our ``PositionIdGPTModel`` builds RoPE angles from explicit ``position_ids``;
+  megatron's static cache slices the angle table as ``q[offset:offset+s]`` and ``k[:offset+s]``,
+  so every step passes the position ids of the *whole* sequence so far (``[b, offset+s]``) while
+  feeding only the new tokens. That is what lets each prompt of a left-padded batch count its
+  positions from 0 at its own first token.
+* **Padding.** Prompts are left-padded to one length; the explicit attention mask hides the pad
+  keys from every query at prefill and at every decode step (the local spec's softmax applies the
+  explicit mask whatever the mask type; under TE the decode step drops the mask, so batches are
+  split into equal-length prompts there - see :func:`_batches`).
+
+Logits are vocab-parallel (``[s, b, V_pad/TP]`` per TP rank); the forward is asked to gather
+them over the TP group (megatron's ``runtime_gather_output=True``, which its inference path
+requires), and only the last position is materialized with a cache, so every rank takes the argmax
+of the same ``[b, V]`` and picks the same token. Pipeline parallelism is refused
+(:class:`GenerationError`): decoding would need a send/recv of the new token between stages for
+every step, which no evaluation here needs (checkpoints reload under any TP layout instead).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+
+class GenerationError(ValueError):
+    """Bad generation request (layout, lengths); cli.py prints it as one line."""
+
+
+@dataclass
+class GenerationResult:
+    ids: List[int]  # generated ids, the stop token excluded
+    stop: str  # "eos" | "stop_id" | "stop_text" | "max_tokens"
+
+
+def _check_layout() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if pp > 1:
+            raise GenerationError(f"generation: pipeline_model_parallel_size={pp} is not supported "
+                                  "(evaluate with --tp only; checkpoints reload under any layout)")
+
+
+def _batches(prompts: Sequence[Sequence[int]], batch_size: int, equal_lengths: bool):
+    """Index batches; sorted by length so left padding stays small."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batch: List[int] = []
+    for i in order:
+        new_length = equal_lengths and len(prompts[i]) != len(prompts[batch[0]]) if batch else False
+        if batch and (len(batch) == batch_size or new_length):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """valid [b, k] (False at left padding) -> [b, 1, q_len, k] True = masked: causal over the
+    last q_len query positions, pad keys hidden."""
+    b, k = valid.shape
+    q_pos = torch.arange(k - q_len, k, device=valid.device)[:, None]
+    causal = torch.arange(k, device=valid.device)[None, :] > q_pos  # [q, k]
+    return (causal[None] | ~valid[:, None, :])[:, None]
+
+
+def _last_logits(model, tokens, positions, mask, context, vocab_size):
+    # [b, s', V_pad] gathered over TP (s' = 1 with a cache: megatron keeps the last position only)
+    out = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
+    return out[:, -1].float()[:, :vocab_size]
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
+                    eos_id: Optional[int] = None, stop_ids: Sequence[int] = (),
+                    stop_text: Optional[Callable[[List[int]], bool]] = None,
+                    use_cache: bool = True, batch_size: int = 8,
+                    max_length: Optional[int] = None) -> List[GenerationResult]:
+    """Greedy continuation of each prompt (token ids, no padding).
+
+    Stops a prompt at ``eos_id``, at any of ``stop_ids`` (e.g. the newline pieces), when
+    ``stop_text(generated_ids)`` is true (e.g. the decoded text contains a newline), or after
+    ``max_new_tokens``. ``max_length`` (the model's position limit) is checked for every prompt
+    before anything runs. ``use_cache=False`` re-runs the whole sequence each step (the reference
+    the cache is tested against).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megatron_kd import platform
+
+    _check_layout()
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise GenerationError("generation: empty prompt")
+    if max_length is not None:
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > max_length:
+            raise GenerationError(f"generation: prompt + {max_new_tokens} new tokens = {longest} tokens "
+                                  f"exceeds the model's position limit {max_length}")
+    device = platform.device()
+    stops = set(int(s) for s in stop_ids) | ({int(eos_id)} if eos_id is not None else set())
+    results: List[Optional[GenerationResult]] = [None] * len(prompts)
+    model.eval()
+    equal = platform.layer_spec_kind() == "te"
+    for idx in _batches(prompts, batch_size, equal_lengths=equal):
+        b = len(idx)
+        lens = [len(prompts[i]) for i in idx]
+        L = max(lens)
+        tokens = torch.zeros(b, L, dtype=torch.long, device=device)
+        valid = torch.zeros(b, L, dtype=torch.bool, device=device)
+        positions = torch.zeros(b, L, dtype=torch.long, device=device)
+        for r, i in enumerate(idx):
+            n = lens[r]
+            tokens[r, L - n:] = torch.tensor(list(prompts[i]), dtype=torch.long, device=device)
+            valid[r, L - n:] = True
+            positions[r, L - n:] = torch.arange(n, device=device)
+        context = StaticInferenceContext(b, L + max_new_tokens) if use_cache else None
+        generated: List[List[int]] = [[] for _ in idx]
+        done: List[Optional[str]] = [None] * b
+        step_tokens = tokens
+        for step in range(max_new_tokens):
+            if use_cache:
+                q_len = step_tokens.shape[1]
+                logits = _last_logits(model, step_tokens, positions, _mask(valid, q_len), context,
+                                      vocab_size)
+                context.sequence_len_offset += q_len
+            else:
+                logits = _last_logits(model, tokens, positions, _mask(valid, tokens.shape[1]), None,
+                                      vocab_size)
+            nxt = logits.argmax(-1)  # [b]; identical on every TP rank (same gathered logits)
+            for r in range(b):
+                if done[r]:
+                    continue
+                t = int(nxt[r])
+                if t in stops:
+                    done[r] = "eos" if t == eos_id else "stop_id"
+                    continue
+                generated[r].append(t)
+                if stop_text is not None and stop_text(generated[r]):
+                    done[r] = "stop_text"
+            if all(done):
+                break
+            step_tokens = nxt[:, None]
+            tokens = torch.cat([tokens, step_tokens], dim=1)
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        for r, i in enumerate(idx):
+            results[i] = GenerationResult(generated[r], done[r] or "max_tokens")
+    return results  # type: ignore[return-value]
