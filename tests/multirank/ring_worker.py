@@ -1,7 +1,7 @@
 """Worker for test_context_parallel.py (torchrun, gloo): ring attention fwd+bwd on this rank's CP
 shard vs dense document-masked attention over the whole window (float64, autograd).
 
-Prints one ``RESULT {json}`` line per rank: max abs errors of the output and of dq/dk/dv on the
+Rank 0 prints one ``RESULT [json per rank]`` line: max abs errors of the output and of dq/dk/dv on the
 rank's real (non-padding) tokens, and how many tokens the rank held.
 """
 import json
@@ -63,12 +63,16 @@ def main():
     def err(got, ref):
         return (got.double()[real] - ref[safe, bi][real]).abs().max().item()
 
-    print("RESULT " + json.dumps({
+    row = {
         "rank": rank, "real_tokens": int(real.sum()), "slots": int(real.numel()),
         "out": err(out.view(-1, b, nq, d), ref_out), "dq": err(ql.grad, ref_dq),
         "dk": err(kl.grad, ref_dk), "dv": err(vl.grad, ref_dv),
         "out_scale": ref_out.abs().max().item(), "grad_scale": ref_dk.abs().max().item(),
-    }), flush=True)
+    }
+    rows = [None] * cp  # one line from rank 0: lines printed by two ranks can interleave
+    torch.distributed.all_gather_object(rows, row)
+    if rank == 0:
+        print("RESULT " + json.dumps(rows), flush=True)
     torch.distributed.destroy_process_group()
 
 
