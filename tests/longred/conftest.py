@@ -11,8 +11,3 @@ def longred_data(tmp_path_factory):
     preprocess([str(root / "corpus.jsonl")], str(root / "corpus"), train_tokenizer=500, workers=1,
                progress=False)
     return root / "corpus"
-
-
-def data_overrides(prefix) -> list:
-    return [f"data.data_path={prefix}", f"data.tokenizer_model={prefix}.tokenizer.model",
-            f"longred.short_data_path={prefix}", f"longred.s2l_data_path={prefix}"]

@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "multirank"))
 import multirank_util as mr  # noqa: E402
-from conftest import data_overrides  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from longred_util import data_overrides  # noqa: E402
 
 EX = ROOT / "examples" / "longred"
 STEPS = 4
