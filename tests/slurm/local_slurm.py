@@ -89,6 +89,7 @@ class LocalSlurm:
         self.cpus = max(2, cpus or os.cpu_count() or 1)
         self.conf = self.root / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: list = []
 
     # --------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 60) -> "LocalSlurm":
@@ -133,7 +134,7 @@ class LocalSlurm:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
-        for log in self.procs_logs():
+        for log in self._logs:
             log.close()
 
     def __enter__(self):
@@ -143,14 +144,16 @@ class LocalSlurm:
         self.stop()
 
     # --------------------------------------------------------------- helpers
-    def env(self, **extra) -> dict:
-        env = dict(os.environ)
+    def env(self, base: dict | None = None) -> dict:
+        """``base`` (default: this process's environment) with SLURM_CONF set to this cluster."""
+        env = dict(os.environ if base is None else base)
         env["SLURM_CONF"] = str(self.conf)
-        env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def cmd(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        p = subprocess.run(list(args), env=self.env(), capture_output=True, text=True, timeout=timeout)
+    def cmd(self, *args: str, check: bool = True, timeout: float = 60, env: dict | None = None,
+            cwd=None) -> subprocess.CompletedProcess:
+        p = subprocess.run(list(args), env=self.env(env), cwd=cwd, capture_output=True, text=True,
+                           timeout=timeout)
         if check and p.returncode:
             raise RuntimeError(f"{' '.join(args)}: exit {p.returncode}\n{p.stdout}{p.stderr}\n"
                                f"{self.daemon_logs()}")
@@ -186,12 +189,9 @@ class LocalSlurm:
                 out.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
         return "\n".join(out)
 
-    def procs_logs(self):
-        return [f for f in getattr(self, "_logs", [])]
-
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "w")
-        self._logs = self.procs_logs() + [log]
+        self._logs.append(log)
         self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
