@@ -17,7 +17,7 @@ import pytest
 from local_slurm import LocalSlurm, SlurmMissing
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 400
+TIMEOUT = 600
 
 # Student and a differently shaped teacher, both tiny; vocab 500 -> 512 padded at TP=1 and TP=2.
 RECIPE = """\
