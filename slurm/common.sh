@@ -61,6 +61,7 @@ mkd_die() { echo "[mkd $(date +%H:%M:%S)] error: $*" >&2; exit "$MKD_EXIT_BAD_IN
 # ------------------------------------------------------------------ environment
 mkd_setup() {
     [ -n "${SLURM_JOB_ID:-}" ] || mkd_die "not inside a Slurm job (SLURM_JOB_ID unset): submit with sbatch"
+    mkd_trap_signals
     [ -z "$MKD_VENV" ] || . "$MKD_VENV/bin/activate" || mkd_die "MKD_VENV=$MKD_VENV: cannot activate"
     # A job inherits the submitting shell's environment: a torchrun-style RANK/WORLD_SIZE there
     # would make every rank believe it is torchrun's (distributed.py checks those first).
@@ -115,23 +116,12 @@ mkd_build_launch() {
 }
 
 # ------------------------------------------------------------------ running a step
-# Run "$@" (an srun command) in the background and wait for it, staying responsive to signals:
-# bash runs a trap only between commands, and `wait` is interruptible while a foreground srun
-# is not.
-mkd_run_step() {
-    MKD_GOT_USR1=0 MKD_GOT_TERM=0 MKD_FORWARDER_PID=
+# Signals are trapped from the job's first line (mkd_setup): an untrapped SIGUSR1 would kill the
+# batch shell. A warning that comes before the training step exists is forwarded once it does.
+mkd_trap_signals() {
+    MKD_GOT_USR1=0 MKD_GOT_TERM=0 MKD_STEP_PID= MKD_FORWARDER_PID=
     trap 'mkd_on_signal USR1' USR1
     trap 'mkd_on_signal TERM' TERM
-    "$@" &
-    MKD_STEP_PID=$!
-    local rc
-    while :; do
-        wait "$MKD_STEP_PID"
-        rc=$?
-        kill -0 "$MKD_STEP_PID" 2>/dev/null || break   # still running: wait was cut by a trap
-    done
-    [ -z "$MKD_FORWARDER_PID" ] || kill "$MKD_FORWARDER_PID" 2>/dev/null
-    return "$rc"
 }
 
 mkd_on_signal() {
@@ -141,9 +131,17 @@ mkd_on_signal() {
                 "checkpoint if KillWait allows; no requeue from this script"
         return
     fi
-    [ "$MKD_GOT_USR1" = 0 ] || return 0
-    MKD_GOT_USR1=1
-    mkd_log "SIGUSR1 (time limit near): asking every rank to checkpoint after its current step"
+    if [ "$MKD_GOT_USR1" = 0 ]; then
+        MKD_GOT_USR1=1
+        mkd_log "SIGUSR1 (time limit near): asking every rank to checkpoint after its current step"
+    fi
+    mkd_start_forwarder
+}
+
+# Forward SIGUSR1 to every process of the running step (all nodes), again every MKD_RESIGNAL_S
+# seconds until it ends: a rank still starting up ignores it, the next one reaches it.
+mkd_start_forwarder() {
+    [ -n "$MKD_STEP_PID" ] && [ -z "$MKD_FORWARDER_PID" ] || return 0
     (
         trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
         while kill -0 "$MKD_STEP_PID" 2>/dev/null; do
@@ -153,6 +151,24 @@ mkd_on_signal() {
         done
     ) &
     MKD_FORWARDER_PID=$!
+}
+
+# Run "$@" (an srun command) in the background and wait for it, staying responsive to signals:
+# bash runs a trap only between commands, and `wait` is interruptible while a foreground srun
+# is not.
+mkd_run_step() {
+    "$@" &
+    MKD_STEP_PID=$!
+    [ "$MKD_GOT_USR1" = 0 ] || mkd_start_forwarder
+    local rc
+    while :; do
+        wait "$MKD_STEP_PID"
+        rc=$?
+        kill -0 "$MKD_STEP_PID" 2>/dev/null || break   # still running: wait was cut by a trap
+    done
+    [ -z "$MKD_FORWARDER_PID" ] || kill "$MKD_FORWARDER_PID" 2>/dev/null
+    MKD_STEP_PID= MKD_FORWARDER_PID=
+    return "$rc"
 }
 
 # Link this job's Slurm output file into the run's logs/ (once the run has created it), so each

@@ -59,6 +59,7 @@ ReturnToService=2
 KillWait=10
 MinJobAge=600
 InactiveLimit=0
+MessageTimeout=60
 NodeName={node} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} State=UNKNOWN
 PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
@@ -159,9 +160,17 @@ class LocalSlurm:
                                f"{self.daemon_logs()}")
         return p
 
-    def job(self, job_id: int) -> dict:
-        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""
-        out = self.cmd("scontrol", "-o", "show", "job", str(job_id)).stdout
+    def job(self, job_id: int, attempts: int = 10) -> dict:
+        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...).
+
+        Retried: on a heavily loaded box an RPC can fail once (slurmctld busy, SIGPIPE).
+        """
+        for attempt in range(attempts):
+            p = self.cmd("scontrol", "-o", "show", "job", str(job_id), check=attempt == attempts - 1)
+            if p.returncode == 0:
+                break
+            time.sleep(1)
+        out = p.stdout
         fields = {}
         for token in out.split():
             if "=" in token:

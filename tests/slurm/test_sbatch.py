@@ -38,9 +38,9 @@ def submit(slurm, tmp_path: Path, name: str, args=(), env=None, script=SBATCH, o
     return int(p.stdout.strip().split(";")[0]), log
 
 
-def job_env(tmp_path: Path, run_name: str, **extra) -> dict:
+def job_env(run_dir: Path, **extra) -> dict:
     """The submitting environment: sbatch exports it to the job (what a user's shell would)."""
-    return child_env(MKD_PYTHON=sys.executable, MKD_RUN_DIR=tmp_path / run_name, **extra)
+    return child_env(MKD_PYTHON=sys.executable, MKD_RUN_DIR=run_dir, **extra)
 
 
 def finished(slurm, job_id: int, log: Path) -> dict:
@@ -65,7 +65,7 @@ def assert_matches_reference(run_dir: Path, reference: dict):
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, kd_recipe, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sbatch_plain")
-    job, log = submit(slurm, tmp, "kd-plain", ["--config", str(kd_recipe), *LAYOUT], job_env(tmp, "run"))
+    job, log = submit(slurm, tmp, "kd-plain", ["--config", str(kd_recipe), *LAYOUT], job_env(tmp / "run"))
     return finished(slurm, job, log) | {"run_dir": tmp / "run", "job": job}
 
 
@@ -123,7 +123,7 @@ def wait_until(predicate, timeout: float, what: str, slurm=None, job=None, log=N
 def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(slurm, kd_recipe, uninterrupted, tmp_path):
     assert_completed(uninterrupted)
     job, log = submit(slurm, tmp_path, "kd-preempt", ["--config", str(kd_recipe), *LAYOUT],
-                      job_env(tmp_path, "run"))
+                      job_env(tmp_path / "run"))
     run_dir = tmp_path / "run"
     metrics = run_dir / "logs" / "metrics.jsonl"
     # the ranks' handlers are installed before their first step; freeze both after it
@@ -163,7 +163,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(slurm, kd_re
 # ------------------------------------------------------------------ torchrun per node
 def test_torchrun_mode_matches_single_process(slurm, kd_recipe, reference, tmp_path):
     job, log = submit(slurm, tmp_path, "kd-torchrun", ["--config", str(kd_recipe), *LAYOUT],
-                      job_env(tmp_path, "run", MKD_LAUNCHER="torchrun"))
+                      job_env(tmp_path / "run", MKD_LAUNCHER="torchrun"))
     info = finished(slurm, job, log)
     assert_completed(info)
     assert "world size 2, launcher torchrun" in info["log"] and "torch.distributed.run" in info["log"]
@@ -175,19 +175,22 @@ def test_bad_input_fails_fast_with_a_clear_message(slurm, kd_recipe, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory\n")
     jobs = {
-        "no_config": submit(slurm, tmp_path, "no-config", [*LAYOUT], job_env(tmp_path, "r1")),
+        "no_config": submit(slurm, tmp_path, "no-config", [*LAYOUT], job_env(tmp_path / "r1")),
         "unwritable": submit(slurm, tmp_path, "unwritable", ["--config", str(kd_recipe)],
-                             job_env(tmp_path, "unused", MKD_RUN_DIR=blocker / "run")),
+                             job_env(blocker / "run")),
         # 2 ranks cannot hold TP=4: the arithmetic reaches the job log from the ranks
         "layout": submit(slurm, tmp_path, "layout", ["--config", str(kd_recipe),
                                                      "parallel.tensor_model_parallel_size=4"],
-                         job_env(tmp_path, "r3")),
+                         job_env(tmp_path / "r3")),
+        "eval_no_checkpoint": submit(slurm, tmp_path, "eval", ["--tasks", "passkey"], job_env(tmp_path / "r4"),
+                                     script=REPO / "slurm" / "eval.sbatch"),
     }
     expected = {
         "no_config": "error: no recipe given: set MKD_CONFIG",
         "unwritable": f"error: run directory {blocker}/run: cannot create it",
         "layout": "world size 2 is not divisible by tensor_model_parallel_size(4) x "
                   "pipeline_model_parallel_size(1) x context_parallel_size(1) = 4",
+        "eval_no_checkpoint": "error: no checkpoint given: pass --checkpoint DIR",
     }
     for name, (job, log) in jobs.items():
         info = finished(slurm, job, log)
