@@ -44,6 +44,7 @@
 : "${MKD_SRUN_ARGS:=}"                    # optional: extra srun flags (e.g. --mpi=pmix)
 : "${MKD_RESIGNAL_S:=30}"                 # re-send the stop signal every N s until the step ends
 : "${MKD_MAX_RESTARTS:=50}"               # stop requeueing after this many restarts
+: "${MKD_EXIT_GRACE_S:=60}"               # once one rank has exited, the others' time to follow
 : "${MKD_OVERWRITE:=0}"                   # 1: replace the run dir on the job's first start only
 
 : "${NCCL_DEBUG:=WARN}"
@@ -76,9 +77,12 @@ mkd_setup() {
     MKD_RESTART=${SLURM_RESTART_COUNT:-0}
 }
 
-# srun prefix shared by both modes: labelled output, a failed rank ends the step, the container.
+# srun prefix shared by both modes: labelled output, the container, and an end to a step whose
+# first task has exited: the rest get MKD_EXIT_GRACE_S seconds (a crashed rank's peers would
+# otherwise hang in a collective until its timeout). Not --kill-on-bad-exit: it kills the
+# others at once, so their own exit status (75 after a signal, 2 on bad input) would be lost.
 mkd_srun() {
-    local args=(srun --kill-on-bad-exit=1 --label)
+    local args=(srun --kill-on-bad-exit=0 --wait="$MKD_EXIT_GRACE_S" --label)
     if [ -n "$MKD_CONTAINER_IMAGE" ]; then
         args+=(--container-image="$MKD_CONTAINER_IMAGE" --container-workdir="$PWD")
         [ -z "$MKD_CONTAINER_MOUNTS" ] || args+=(--container-mounts="$MKD_CONTAINER_MOUNTS")

@@ -287,8 +287,8 @@ class Trainer:
         if last_saved != st.iteration:
             self.save()
         self.metrics.close()
-        # Logs flushed everywhere before the first rank exits (srun --kill-on-bad-exit ends the
-        # step as soon as one rank exits non-zero, e.g. 75 after a signal).
+        # Logs flushed everywhere before the first rank exits (launchers end the remaining ranks
+        # soon after the first one exits, e.g. with 75 after a signal).
         torch.distributed.barrier()
         return st
 
