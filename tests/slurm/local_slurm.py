@@ -124,7 +124,20 @@ class LocalSlurm:
         return self
 
     def stop(self) -> None:
-        """SIGTERM each daemon by PID (slurmd first), then SIGKILL whatever is left."""
+        """Cancel this cluster's jobs (a failed test may leave one running: its slurmstepd and
+        batch script would outlive slurmd), then SIGTERM each daemon by PID (slurmd first) and
+        SIGKILL whatever is left."""
+        ctld = self.procs.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
+            try:
+                jobs = self.cmd("squeue", "-h", "-o", "%i", check=False, timeout=30).stdout.split()
+                if jobs:
+                    self.cmd("scancel", "--full", "--signal=KILL", *jobs, check=False, timeout=30)
+                    self.cmd("scancel", *jobs, check=False, timeout=30)
+                    # idle again = slurmd has ended every step process (squeue forgets sooner)
+                    self._wait(self._node_idle, 60, "node idle after scancel")
+            except (subprocess.TimeoutExpired, RuntimeError):
+                pass  # stopping the daemons below still happens
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
