@@ -12,9 +12,11 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # before torch/megatron-core: a typo fails in 0.1 s
     from megatron_kd.training.loop import train
+    from megatron_kd.training.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED
 
-    train(cfg, resume=args.resume, overwrite=args.overwrite)
-    return 0
+    state = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                  exit_signals=DEFAULT_SIGNALS if args.exit_signal_handler else ())
+    return EXIT_PREEMPTED if state.stopped_by else 0
 
 
 def _demo(args) -> int:
@@ -182,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in checkpoint.save from its latest checkpoint")
     t.add_argument("--overwrite", action="store_true",
                    help="replace whatever checkpoint.save holds")
+    t.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGUSR1/SIGTERM: checkpoint after the current step and exit with code 75 "
+                        "(what slurm/*.sbatch use to requeue; resume with --resume)")
 
     _add_analyze_parser(sub)
 

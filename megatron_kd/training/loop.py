@@ -21,6 +21,7 @@ from megatron_kd.training import checkpointing
 from megatron_kd.training.metrics import MetricsLogger
 from megatron_kd.training.objective import CrossEntropyObjective
 from megatron_kd.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from megatron_kd.training.preemption import StopOnSignal
 from megatron_kd.training.run_dir import create_run_dir, prepare_run_dir
 
 
@@ -30,6 +31,7 @@ class TrainState:
     consumed_samples: int = 0
     history: list = field(default_factory=list)  # (iteration, train loss) on the logging rank
     valid_history: list = field(default_factory=list)  # (iteration, {name: held-out loss})
+    stopped_by: Optional[str] = None  # the signal that ended the run early (preemption.py)
 
 
 def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
@@ -111,6 +113,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.objective_factory = objective_factory or default_objective
+        self.stop = StopOnSignal()  # train() swaps in one with signals (preemption.py)
 
     # ----------------------------------------------------------------- setup
     def setup(self, resume: bool, overwrite: bool):
@@ -288,26 +291,39 @@ class Trainer:
             if save_interval and st.iteration % save_interval == 0:
                 self.save()
                 last_saved = st.iteration
+            if self.stop.stop_requested():  # collective, once per step; checkpoint below
+                st.stopped_by = self.stop.describe()
+                self._print(f"{st.stopped_by} received: stopping after iteration {st.iteration}")
+                break
             if cfg.train.exit_interval and st.iteration % cfg.train.exit_interval == 0:
                 break
         if last_saved != st.iteration:
             self.save()
         self.metrics.close()
+        # Logs flushed everywhere before the first rank exits (launchers end the remaining ranks
+        # soon after the first one exits, e.g. with 75 after a signal).
+        torch.distributed.barrier()
         return st
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-          objective_factory: Optional[Callable] = None) -> TrainState:
+          objective_factory: Optional[Callable] = None, exit_signals=()) -> TrainState:
     """Entry point for every launcher (call under a ``__main__`` guard: the checkpoint writer
-    may start a spawn-based process manager)."""
+    may start a spawn-based process manager).
+
+    ``exit_signals`` (e.g. ``("SIGUSR1", "SIGTERM")``): on any of them, checkpoint after the
+    current step and return with ``stopped_by`` set (preemption.py).
+    """
     if not cfg.checkpoint.save:
         raise ConfigError("checkpoint.save: required (the run directory)")
     trainer_cls = Trainer
     if cfg.longred is not None:  # LongReD: three streams and a teacher (docs/longred.md)
         from megatron_kd.longred.trainer import LongReDTrainer as trainer_cls
-    distributed.init_distributed()
-    try:
-        trainer = trainer_cls(cfg, Path(cfg.checkpoint.save), objective_factory).setup(resume, overwrite)
-        return trainer.train()
-    finally:
-        distributed.destroy()
+    with StopOnSignal(exit_signals) as stop:  # before init: a signal during setup is kept too
+        distributed.init_distributed()
+        try:
+            trainer = trainer_cls(cfg, Path(cfg.checkpoint.save), objective_factory)
+            trainer.stop = stop
+            return trainer.setup(resume, overwrite).train()
+        finally:
+            distributed.destroy()
