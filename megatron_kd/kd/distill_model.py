@@ -8,61 +8,27 @@ schedules (1F1B and interleaved) allocate that shape. On the last stage it retur
 ``[b, s, 2]`` pair (KD, CE), reduced by the objective's loss function -- or, with the fused
 loss, the ``[2]`` (loss sum, token count) of the whole micro-batch.
 
-The teacher is frozen: ``requires_grad=False`` (so megatron DDP and the optimizer never see it),
-kept in eval mode whatever ``train()`` is called with, run under ``torch.no_grad``, and left out
-of the state dicts: a checkpoint of this wrapper is a plain student checkpoint.
+The teacher is frozen and left out of checkpoints (kd/pair.py, shared with LongReD) and runs
+under ``torch.no_grad``.
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.transformer.module import MegatronModule
 
 from megatron_kd.kd.fused import fused_linear_kd_loss
 from megatron_kd.kd.losses import vocab_parallel_kd_loss
+from megatron_kd.kd.pair import StudentTeacherPair
 
 
-def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
-
-
-class DistillationModel(MegatronModule):
+class DistillationModel(StudentTeacherPair):
     def __init__(self, student, teacher, kd_cfg, vocab_size: int, tp_group, fused: bool = False):
-        config = copy.copy(student.config)
-        # Only the p2p buffers read this: both hidden states travel in one tensor.
-        config.hidden_size = student.config.hidden_size + teacher.config.hidden_size
-        super().__init__(config=config)
-        # Named `module` so megatron-core's get_attr_wrapped_model (used by the schedules and
-        # finalize_model_grads for model_type, pre_process, shared embeddings, ...) finds the
-        # student's attributes through this wrapper, as it does through DDP.
-        self.module = student
-        self.teacher = freeze(teacher)
+        super().__init__(student, teacher)
         self.kd_cfg = kd_cfg
         self.vocab_size = vocab_size
         self.tp_group = tp_group
         self.fused = fused
-        self.student_hidden = student.config.hidden_size
-        self.post_process = student.post_process
-
-    @property
-    def student(self):
-        return self.module
-
-    # -- pipeline hand-off ------------------------------------------------------------------
-    def set_input_tensor(self, input_tensor):
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        if input_tensor is None:
-            self.student.set_input_tensor(None)
-            self.teacher.set_input_tensor(None)
-            return
-        h = self.student_hidden
-        self.student.set_input_tensor(input_tensor[..., :h])  # [s, b, h_S], keeps the grad path
-        self.teacher.set_input_tensor(input_tensor[..., h:].detach())  # [s, b, h_T]
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None, **kwargs):
@@ -105,18 +71,3 @@ class DistillationModel(MegatronModule):
             temperature=k.temperature, scale_by_t_squared=k.scale_by_t_squared,
             divergence=k.divergence, beta=k.beta, top_k=k.top_k, chunk_size=k.fused_chunk_size)
         return torch.stack([loss_sum, count.to(loss_sum.dtype)])  # [2]: what the objective reduces
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    # -- checkpoints hold the student only -------------------------------------------------------
-    def sharded_state_dict(self, *args, **kwargs):
-        return self.student.sharded_state_dict(*args, **kwargs)
-
-    def state_dict(self, *args, **kwargs):
-        return self.student.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True):
-        return self.student.load_state_dict(state_dict, strict=strict)

@@ -67,7 +67,7 @@ def check_checkpoint_shapes(teacher_chunks, path) -> None:
 
 def build_teacher_chunks(cfg: RunConfig, vocab_size: int) -> list:
     """Teacher chunks for this rank's stages, loaded and frozen (no optimizer ever sees them)."""
-    from megatron_kd.kd.distill_model import freeze
+    from megatron_kd.kd.pair import freeze
     from megatron_kd.models import build_model
     from megatron_kd.training import checkpointing
 

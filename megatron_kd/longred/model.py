@@ -23,11 +23,9 @@ per-layer attention KL (losses.attention_kl via pre-hooks on core attention).
 """
 from __future__ import annotations
 
-import copy
 import torch
-from megatron.core.transformer.module import MegatronModule
 
-from megatron_kd.kd.distill_model import freeze
+from megatron_kd.kd.pair import StudentTeacherPair
 from megatron_kd.longred.losses import AttachLoss, attention_kl, attention_probs, cosine_distance
 
 
@@ -35,21 +33,15 @@ def layer_report_name(stream: str, layer: int) -> str:
     return f"{stream} cos-loss layer {layer}"
 
 
-class LongReDModel(MegatronModule):
+class LongReDModel(StudentTeacherPair):
     def __init__(self, student, teacher, selected_layers, num_layers: int,
                  alpha_short: float, alpha_s2l: float):
-        config = copy.copy(student.config)
-        config.hidden_size = student.config.hidden_size + teacher.config.hidden_size
-        super().__init__(config=config)
-        self.module = student  # named `module`: megatron-core finds the student's attributes
-        self.teacher = freeze(teacher)
+        super().__init__(student, teacher)
         self.num_layers = num_layers
         # layer numbers (1-based, global) whose raw output is compared; num_layers = the final
         # (normed) output, handled on the last stage
         self.set_selected_layers(selected_layers)
         self.alpha = {"short": alpha_short, "s2l": alpha_s2l}
-        self.post_process = student.post_process
-        self.student_hidden = student.config.hidden_size
         self.reports = {}  # {name: [sum, count]} since the last clear()
         self.measure_attention = False
         self._capture = None  # {"student": {layer: h}, "teacher": {...}} during a short forward
@@ -64,10 +56,6 @@ class LongReDModel(MegatronModule):
 
     def set_selected_layers(self, layers):
         self.selected = sorted(set(int(x) for x in layers) - {self.num_layers})
-
-    @property
-    def student(self):
-        return self.module
 
     def local_layer_numbers(self):
         return [layer.layer_number for layer in self.student.decoder.layers]
@@ -86,18 +74,6 @@ class LongReDModel(MegatronModule):
                 with torch.no_grad():
                     self._probs[who][number] = attention_probs(query, key, mask, attn.softmax_scale)
         return hook
-
-    # -- pipeline hand-off ------------------------------------------------------------------------
-    def set_input_tensor(self, input_tensor):
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        if input_tensor is None:
-            self.student.set_input_tensor(None)
-            self.teacher.set_input_tensor(None)
-            return
-        h = self.student_hidden
-        self.student.set_input_tensor(input_tensor[..., :h])
-        self.teacher.set_input_tensor(input_tensor[..., h:].detach())
 
     def _record(self, name: str, value, count: float = 1.0):
         """Accumulate [sum, count] on the value's device (no host sync per micro-batch)."""
@@ -161,18 +137,3 @@ class LongReDModel(MegatronModule):
         hs = self.student(input_ids, position_ids, attention_mask)
         zeros = hs.new_zeros(hs.shape[:-1] + (self.teacher.config.hidden_size,))
         return torch.cat([hs, zeros], dim=-1)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    # -- checkpoints hold the student only --------------------------------------------------------
-    def sharded_state_dict(self, *args, **kwargs):
-        return self.student.sharded_state_dict(*args, **kwargs)
-
-    def state_dict(self, *args, **kwargs):
-        return self.student.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True):
-        return self.student.load_state_dict(state_dict, strict=strict)
