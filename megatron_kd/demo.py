@@ -254,10 +254,10 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
     from megatron_kd.analysis.demo_figures import write_demo_analysis
 
     t = time.time()
-    analysis = write_demo_analysis(root, {"teacher": teacher, "kd_student": root / "phase2_kd",
-                                          "ce_student": root / "phase2_ce"},
-                                   {"evolution_kd": (root / "phase1", root / "phase2_kd"),
-                                    "evolution_ce": (root / "phase1", root / "phase2_ce")})
+    write_demo_analysis(root, {"teacher": teacher, "kd_student": root / "phase2_kd",
+                               "ce_student": root / "phase2_ce"},
+                        {"evolution_kd": (root / "phase1", root / "phase2_kd"),
+                         "evolution_ce": (root / "phase1", root / "phase2_ce")})
     timings["analysis"] = round(time.time() - t, 1)
     print(f"  figures and audit tables in {root / 'analysis'} ({timings['analysis']} s)", flush=True)
 

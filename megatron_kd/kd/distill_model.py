@@ -13,7 +13,6 @@ under ``torch.no_grad``.
 """
 from __future__ import annotations
 
-
 import torch
 from megatron.core import tensor_parallel
 
