@@ -76,10 +76,23 @@ def start(cmd: list, env=None, log: Path | None = None) -> subprocess.Popen:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group and every descendant: torchrun may put its ranks in
+    sessions of their own, and an orphaned rank would hang on its peers forever."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=30)
 
 
