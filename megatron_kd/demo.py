@@ -291,13 +291,9 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False,
 
 
 def _plot(results: dict, path: Path, chance: float) -> Optional[Path]:
-    try:
-        import matplotlib
+    from megatron_kd.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # not a dependency
-        return None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, r in results.items():
         ds = sorted(r["accuracy"])

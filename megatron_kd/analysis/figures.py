@@ -18,12 +18,9 @@ import numpy as np
 
 
 def _plt():
-    import matplotlib
+    from megatron_kd.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _save(fig, path: Path) -> str:

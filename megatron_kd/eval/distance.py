@@ -39,13 +39,9 @@ def by_distance(records: Sequence[dict], edges: Sequence[int]) -> List[dict]:
 
 def plot(buckets: Dict[str, List[dict]], path: Path,
          train_doc_tokens: Optional[int] = None) -> Optional[Path]:
-    try:
-        import matplotlib
+    from megatron_kd.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, bs in buckets.items():
         ax.plot([(b["lo"] + b["hi"]) / 2 for b in bs], [b["accuracy"] for b in bs], marker="o", label=name)

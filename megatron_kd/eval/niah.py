@@ -128,14 +128,11 @@ def cell_scores(records: Sequence[dict]) -> Dict[tuple, float]:
 
 def plot_heatmap(records: Sequence[dict], path: Path, title: str) -> Optional[Path]:
     """Depth (rows) x length (columns), the original figure's red-yellow-green scale, 0..1."""
-    try:
-        import matplotlib
+    from megatron_kd.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LinearSegmentedColormap
-    except ImportError:
-        return None
+    plt = pyplot()
+    from matplotlib.colors import LinearSegmentedColormap
+
     cells = cell_scores(records)
     lengths = sorted({k[0] for k in cells})
     depths = sorted({k[1] for k in cells})

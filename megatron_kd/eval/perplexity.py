@@ -56,13 +56,9 @@ def bucketed(losses: List[float], buckets: int = 16) -> List[dict]:
 
 
 def plot(curves: dict, path: Path, trained_length: Optional[int] = None) -> Optional[Path]:
-    try:
-        import matplotlib
+    from megatron_kd.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, bs in curves.items():
         ax.plot([(b["lo"] + b["hi"]) / 2 for b in bs], [b["loss"] for b in bs], marker=".", label=name)

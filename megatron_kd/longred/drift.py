@@ -107,13 +107,9 @@ def format_drift(table: dict) -> str:
 
 
 def _plot(table: dict, path: Path, title: str) -> None:
-    try:
-        import matplotlib
+    from megatron_kd.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     layers = sorted(table)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     axes[0].plot(layers, [table[i]["hidden_cos"] for i in layers], marker="o")
