@@ -113,9 +113,13 @@ def cp_vs_ring():
     def err(a, b):
         return ((a.float()[r] - b.float()[r]).abs().max() / b.float()[r].abs().max()).item()
 
-    print("RESULT " + json.dumps({"rank": rank, "out": err(te_out.view(cap // cp, 1, -1), ref),
-                                  "dq": err(ql.grad, qr.grad), "dk": err(kl.grad, kr.grad),
-                                  "dv": err(vl.grad, vr.grad)}), flush=True)
+    row = {"rank": rank, "out": err(te_out.view(cap // cp, 1, -1), ref),
+           "dq": err(ql.grad, qr.grad), "dk": err(kl.grad, kr.grad), "dv": err(vl.grad, vr.grad)}
+    rows = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rows, row)  # rank 0 prints all: ranks' lines would interleave
+    if rank == 0:
+        for row in rows:
+            print("RESULT " + json.dumps(row), flush=True)
     distributed.destroy()
 
 

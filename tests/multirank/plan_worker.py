@@ -1,6 +1,7 @@
 """Worker for test_plan.py (torchrun, 2 ranks, gloo): builds the tiny model under several layouts
 and reports what each rank really holds: parameter elements, and optimizer-state elements after
-one (zero-gradient) Adam step. Prints ``RESULT {json}`` per rank."""
+one (zero-gradient) Adam step. Rank 0 prints one ``RESULT {json}`` line per rank (gathered, so
+two ranks' lines cannot interleave in the shared stdout)."""
 import json
 import sys
 
@@ -38,7 +39,11 @@ def main():
         opt.step()
         out["layouts"][name] = {"pp_rank": ps.get_pipeline_model_parallel_rank(), "params": params,
                                 "optimizer_elements": optimizer_state_elements(opt)}
-    print("RESULT " + json.dumps(out), flush=True)
+    rows = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rows, out)
+    if torch.distributed.get_rank() == 0:
+        for row in rows:
+            print("RESULT " + json.dumps(row), flush=True)
     distributed.destroy()
 
 
