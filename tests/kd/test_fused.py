@@ -14,7 +14,8 @@ teacher hidden/weight/logits when they require grad; backward scaled by an upstr
 
 Measured max relative errors (max |x - ref| / max |ref|, worst over all cases and TP=1/2/4):
 fp32 loss 2.0e-7, student hidden grad 7.1e-7, student weight grad 7.2e-7, teacher hidden grad
-3.4e-6, teacher weight grad 2.8e-6, teacher logits grad 7.0e-7 (tolerance 1e-5); padded rows'
+3.4e-6, teacher weight grad 2.8e-6 (1.03e-5 on another CPU), teacher logits grad 7.0e-7 (tolerance 1e-5,
+teacher gradients 5e-5); padded rows'
 weight gradient (alpha=1) and everything in the all-masked case exactly 0. bf16 (both paths form
 bf16 logits and run bf16 gradient GEMMs, rounding the logit gradient at different points; at TP>1
 the hidden gradient is all-reduced in bf16, as megatron does): loss 1.0e-7, gradients up to
@@ -40,6 +41,11 @@ from megatron_kd.kd.fused import fused_linear_kd_loss
 
 WORKER = Path(__file__).with_name("fused_worker.py")
 FP32_TOL = 1e-5
+# Teacher gradients: JSD's teacher term is a difference of two log-ratios, so its fp32 rounding
+# relative to max|grad| is larger and CPU-dependent (1.03e-5 for JSD(0.2)/top-9/chunk 1 at TP=2
+# on one CI box, 2.8e-6 on another); a wrong reduction or mask is off by > 1e-2.
+FP32_TEACHER_GRAD_TOL = 5e-5
+TEACHER_GRADS = ("grad_teacher_hidden", "grad_teacher_weight", "grad_teacher_logits")
 BF16_LOSS_TOL = 1e-5
 BF16_GRAD_TOL = 2e-2  # ~2.5 bf16 ulps (2**-8) of the largest entry: both paths round differently
 TPS = [1, 2, 4]
@@ -74,7 +80,9 @@ def test_fp32_matches_exact_path(tp):
     res = results(tp)
     n_fp32 = sum(name.startswith("fp32/") for name in res)
     assert n_fp32 == len([c for c in fused_worker.grid() if c[0].startswith("fp32/")]) == 53
-    assert not _bad(res, ("fp32/", "subgroup/"), FP32_TOL)
+    student = {k for m in res.values() for k in m} - set(TEACHER_GRADS)
+    assert not _bad(res, ("fp32/", "subgroup/"), FP32_TOL, student)
+    assert not _bad(res, ("fp32/", "subgroup/"), FP32_TEACHER_GRAD_TOL, TEACHER_GRADS)
     # every gradient kind was actually compared somewhere
     metrics = {k for name, m in res.items() for k in m}
     assert {"grad_student_hidden", "grad_student_weight", "grad_teacher_hidden", "grad_teacher_weight",
