@@ -22,6 +22,10 @@ stated:
   4·L_T·h_q·s_att for the teacher forward; s_att = mean keys per query under the document
   mask, ≈ (doc_length + 1)/2), tokens/s = ranks × MFU × peak / FLOPs per token. Recompute costs
   time, not model FLOPs (hardware FLOPs are reported separately).
+- LongReD (a ``longred`` section): the frozen original model is a teacher (its parameters and
+  one layer's no-grad activations count), run on the short and s2l micro-batches only (their
+  share of ``longred.stream_ratio`` scales its FLOPs); the long stream's CE logits are the
+  student's.
 """
 from __future__ import annotations
 
@@ -200,6 +204,12 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
     fused = cfg.kd.loss_impl == "fused" or (cfg.kd.loss_impl == "auto" and
                                             seq * t.micro_batch_size >= cfg.kd.fused_min_tokens)
     kd = cfg.kd.alpha > 0
+    longred = getattr(cfg, "longred", None)
+    if longred is not None:  # the original model runs on the short / s2l micro-batches
+        ratio = longred.stream_counts()
+        teacher_share = (ratio["short"] + ratio["s2l"]) / sum(ratio.values())
+    else:
+        teacher_share = 1.0 if kd else 0.0
     if kd and fused:
         chunk = cfg.kd.fused_chunk_size or max(1, (1 << 24) // (v_pad // tp))
         b["logits (fused KD loss, one chunk)"] = min(chunk, T) * v_pad / tp * 4 * 3 + T * m.hidden_size * 4
@@ -210,7 +220,7 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
         b[f"logits ({'exact KD' if kd else 'CE'}, full [tokens, V/TP])"] = T * v_pad / tp * per
 
     plan.saved_after_forward = stage_act + sum(v for k, v in b.items() if k.startswith("logits"))
-    if kd:
+    if teacher_share > 0:
         tm = cfg.teacher
         tb = 2 if tm.bf16 else 4
         tparams = max(params_per_rank(tm, p, vocab_size, seq))
@@ -221,7 +231,8 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
 
     attended = (doc + 1) / 2
     student = flops_per_token(m, v_pad, attended, backward=True)
-    teacher = flops_per_token(cfg.teacher, v_pad, attended, backward=False) if kd else 0.0
+    teacher = (teacher_share * flops_per_token(cfg.teacher, v_pad, attended, backward=False)
+               if teacher_share > 0 else 0.0)
     per_token = student + teacher
     recompute_extra = flops_per_token(m, v_pad, attended, False) if m.recompute_granularity == "full" else 0.0
     tps = world * mfu * peak_tflops * 1e12 / per_token

@@ -89,21 +89,29 @@ def layout_indices(document_ids: torch.Tensor, cp_size: int, cap: int) -> Tuple[
 
 def shard_batch(batch: Dict[str, torch.Tensor], cp_size: int, cp_rank: int, cap: int) -> Dict[str, torch.Tensor]:
     """A micro-batch of whole windows (``[b, s]`` per key) -> this CP rank's ``[b, cap/cp]``
-    tokens with everything that describes them, plus ``token_index``."""
+    tokens with everything that describes them (every other ``[b, s]`` tensor too, padded with 0),
+    plus ``token_index``."""
     tokens = batch["tokens"]
     b, s = tokens.shape
     local = cap // cp_size
     pad_index = s + cp_rank * local + torch.arange(local)  # unique per slot of the whole layout
     fill = {"tokens": 0, "labels": 0, "loss_mask": 0.0, "position_ids": 0, "document_ids": PAD_DOCUMENT}
     out = {k: [] for k in (*fill, "token_index")}
+    rows = []
     for i in range(b):
         index = layout_indices(batch["document_ids"][i], cp_size, cap)[0][cp_rank]  # [local]
         real = index >= 0
         safe = index.clamp(min=0)
+        rows.append((real, safe))
         for key, value in fill.items():
             row = batch[key][i]
             out[key].append(torch.where(real, row[safe], torch.full_like(row[safe], value)))
         out["token_index"].append(torch.where(real, index, pad_index))
+    # any other per-token tensor (e.g. LongReD's teacher_position_ids) travels with its tokens
+    for key, value in batch.items():
+        if key not in out and torch.is_tensor(value) and tuple(value.shape) == (b, s):
+            out[key] = [torch.where(real_i, row[safe_i], torch.zeros_like(row[safe_i]))
+                        for row, (real_i, safe_i) in zip(value, rows)]
     extra = {k: v for k, v in batch.items() if k not in out}
     return {**extra, **{k: torch.stack(v) for k, v in out.items()}}
 

@@ -3,9 +3,9 @@
 LongReD distils the hidden states of the M layers whose attention distributions drift most when
 the context is extended (KL between the original and the extended model's attention on short
 text; the paper uses M=6 for 32k, 3 for 128k; its code hard-codes the layers). The measurement
-runs the LongReD model's short stream with every layer selected and attention probabilities
-materialised (losses.attention_probs: [b, heads, s, s], so small inputs only):
-per layer, KL(p_original || p_extended) and the hidden-state cosine similarity.
+runs the LongReD model's short stream with every layer selected and the attention probabilities
+recomputed one document at a time (losses.attention_kl_by_document): per layer,
+KL(p_original || p_extended) and the hidden-state cosine similarity.
 
 Inside training the same pass runs through megatron-core's forward-only schedule, so it works
 under TP/PP (LongReDTrainer.select_layers); ``measure_drift`` is the one-process version for
@@ -53,7 +53,7 @@ def measure_drift(longred_model, batches: Iterable[dict]) -> Dict[int, Dict[str,
     for batch in batches:
         b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
         m(b["tokens"], b["position_ids"], attention_mask(b["document_ids"]), stream="short",
-          teacher_position_ids=b.get("teacher_position_ids"))
+          teacher_position_ids=b.get("teacher_position_ids"), document_ids=b["document_ids"])
     out = {}
     for layer in range(1, n + 1):
         kl = m.reports[f"attention kl layer {layer}"]

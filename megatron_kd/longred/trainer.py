@@ -19,6 +19,7 @@ from megatron_kd.longred.layer_select import format_kl_table, top_layers
 from megatron_kd.longred.model import LongReDModel, layer_report_name
 from megatron_kd.longred.objective import LongReDObjective
 from megatron_kd.longred.streams import PackedSamples, mixed_iterator, per_step_counts, step_schedule
+from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training.loop import Trainer, build_model_chunks
 
 
@@ -205,7 +206,9 @@ class LongReDTrainer(Trainer):
             per = {s: build_data_iterator(self.stream_ds[s], consumed_steps * self.step_counts[s] * mbs
                                           * self.dp_size, mbs, self.dp_rank, self.dp_size)
                    for s in LONGRED_STREAMS if self.step_counts[s]}
-            its.append(mixed_iterator(per, self.schedule))
+            # every stream in the attention backend's layout: CP shards (teacher positions travel
+            # with their tokens) and/or TE THD metadata, as the shared Trainer's iterators
+            its.append(layout_batches(mixed_iterator(per, self.schedule), self.cfg))
         return its if len(its) > 1 else its[0]
 
     def train_iterator(self):
@@ -225,14 +228,13 @@ class LongReDTrainer(Trainer):
             c.eval()
             c.measure_attention = True
             c.reports.clear()
-        its = [mixed_iterator({"short": build_data_iterator(self.stream_ds["short"], 0,
-                                                            self.cfg.train.micro_batch_size,
-                                                            self.dp_rank, self.dp_size)}, ["short"])
-               for _ in chunks]
+        its = [layout_batches(mixed_iterator({"short": build_data_iterator(
+                   self.stream_ds["short"], 0, self.cfg.train.micro_batch_size, self.dp_rank, self.dp_size)},
+                   ["short"]), self.cfg) for _ in chunks]
         get_forward_backward_func()(
             forward_step_func=self.objective.forward_step, data_iterator=its if len(its) > 1 else its[0],
             model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=lr.selection_windows, seq_length=self.cfg.data.seq_length,
+            num_microbatches=lr.selection_windows, seq_length=cp_capacity(self.cfg),
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
         names = [f"attention kl layer {i}" for i in range(1, n + 1)]
         kl = reduce_reports(chunks, names)

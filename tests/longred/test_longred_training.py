@@ -1,4 +1,4 @@
-"""LongReD training with real processes: 1 rank vs TP=2 and PP=2 (torchrun + gloo), the objective's
+"""LongReD training with real processes: 1 rank vs TP=2, PP=2 and CP=2 (torchrun + gloo), the objective's
 arithmetic, the per-stream reports, and a student-only checkpoint.
 
 The tiny original model (examples/longred/tiny_original.yaml, 64 tokens, theta 10k) is extended
@@ -36,7 +36,8 @@ def runs(longred_data, tmp_path_factory):
                                              f"train.train_iters={STEPS}", "train.lr=0.003"]
     out["stdout"] = {}
     for name, nproc, extra in (("tp1", 1, []), ("pp2", 2, ["parallel.pipeline_model_parallel_size=2"]),
-                               ("tp2", 2, ["parallel.tensor_model_parallel_size=2"])):
+                               ("tp2", 2, ["parallel.tensor_model_parallel_size=2"]),
+                               ("cp2", 2, ["parallel.context_parallel_size=2"])):
         out[name] = root / name
         out["stdout"][name] = mr.train(EX / "tiny.yaml", out[name], nproc, common + extra).stdout
     # stop after 2 steps, then --resume: every stream continues where it stopped
@@ -52,8 +53,10 @@ def _rows(run_dir, split="train"):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-@pytest.mark.parametrize("name", ["pp2", "tp2"])
+@pytest.mark.parametrize("name", ["pp2", "tp2", "cp2"])
 def test_two_ranks_match_one(runs, name):
+    """cp2: each rank holds half of every window (teacher positions travel with their tokens, the
+    ring attention masks by document); losses are shares of the window's mean counted once."""
     ref, got = _rows(runs["tp1"]), _rows(runs[name])
     assert [r["iteration"] for r in got] == [r["iteration"] for r in ref] == list(range(1, STEPS + 1))
     for a, b in zip(got, ref):
@@ -71,8 +74,20 @@ def _selection(stdout):
 
 def test_same_selection_and_schedule(runs):
     sel = {n: _selection(s) for n, s in runs["stdout"].items() if n != "resumed"}
-    assert sel["tp1"] and sel["tp1"] == sel["pp2"] == sel["tp2"], sel
+    assert sel["tp1"] and sel["tp1"] == sel["pp2"] == sel["tp2"] == sel["cp2"], sel
     assert "longred: per step 8 micro-batches of 128 tokens: long 4, short 3, s2l 1" in runs["stdout"]["tp1"]
+
+
+@pytest.mark.parametrize("name", ["pp2", "tp2", "cp2"])
+def test_attention_kl_table_matches_one_rank(runs, name):
+    """The per-layer attention KL behind the selection (TP: heads split; CP: queries split, keys
+    gathered; PP: layers split) equals one rank's; fp32 noise on KLs of ~1e-5 is ~1e-4 relative."""
+    ref = json.loads((runs["tp1"] / "longred_selection.json").read_text())
+    got = json.loads((runs[name] / "longred_selection.json").read_text())
+    assert got["selected_layers"] == ref["selected_layers"]
+    assert ref["attention_kl"].keys() == got["attention_kl"].keys() and len(ref["attention_kl"]) == 4
+    for layer, kl in ref["attention_kl"].items():
+        assert kl > 0 and math.isclose(got["attention_kl"][layer], kl, rel_tol=1e-3), (name, layer)
 
 
 def test_objective_arithmetic(runs):

@@ -58,10 +58,13 @@ def test_shard_batch_carries_everything_and_unshards():
     doc = document_ids_from_tokens(tokens, eos)
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
              "loss_mask": loss_mask_from_tokens(tokens, eos, True), "document_ids": doc,
-             "position_ids": position_ids_from_document_ids(doc, reset=False)}
+             "position_ids": position_ids_from_document_ids(doc, reset=False),
+             # an extra per-token tensor (LongReD's teacher positions) and a non-tensor mark
+             "teacher_position_ids": position_ids_from_document_ids(doc, reset=True), "stream": "s2l"}
     cap = capacity(s, cp, padding=8)
     shards = [shard_batch(batch, cp, r, cap) for r in range(cp)]
     for sh in shards:
+        assert sh.pop("stream") == "s2l"
         assert all(v.shape == (2, cap // cp) for v in sh.values())
         pad = sh["document_ids"] == -1
         assert (sh["loss_mask"][pad] == 0).all()
@@ -72,7 +75,7 @@ def test_shard_batch_carries_everything_and_unshards():
     all_index = torch.cat([sh["token_index"] for sh in shards], dim=1)
     assert all(len(set(row.tolist())) == row.numel() for row in all_index)
     for i in range(2):
-        for key in ("tokens", "labels", "loss_mask", "position_ids", "document_ids"):
+        for key in ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "teacher_position_ids"):
             back = unshard([sh[key][i] for sh in shards], doc[i], cp, cap)
             assert torch.equal(back, batch[key][i]), key
 

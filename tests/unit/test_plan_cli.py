@@ -27,3 +27,19 @@ def test_plan_bad_input_is_one_line(capsys):
     assert "world size 3" in capsys.readouterr().err
     assert main(["plan", "--config", "/nonexistent.yaml"]) == 2
     assert "/nonexistent.yaml" in capsys.readouterr().err
+
+
+def test_plan_counts_the_longred_teacher(capsys):
+    """LongReD's frozen original model is a teacher: its parameters count, and its forward FLOPs
+    scale with the short + s2l share of the stream ratio (4:3:1 -> 1/2)."""
+    base = ["plan", "--vocab-size", "500", "--json", "--config", "examples/longred/tiny_ce.yaml"]
+    assert main(base) == 0
+    ce = json.loads(capsys.readouterr().out)
+    assert main(base[:-1] + ["examples/longred/tiny.yaml"]) == 0
+    lr = json.loads(capsys.readouterr().out)
+    assert "teacher parameters" not in ce["bytes"] and lr["bytes"]["teacher parameters"] > 0
+    t = lr["throughput"]
+    assert ce["throughput"]["teacher fwd GFLOP/token"] == 0
+    # same shape as the student: teacher fwd = half of (2N + attention) of the student's 6N + ...
+    assert 0.5 * t["student fwd+bwd GFLOP/token"] / 3 * 0.9 < t["teacher fwd GFLOP/token"] < \
+        0.5 * t["student fwd+bwd GFLOP/token"] / 3 * 1.1
