@@ -30,7 +30,7 @@ def _eval(args) -> int:
     from megatron_kd.eval.runner import EvalRequest, parse_lengths, parse_tasks, prepare, run_eval
 
     req = EvalRequest(checkpoint=args.checkpoint, tasks=parse_tasks(args.tasks),
-                      lengths=parse_lengths(args.lengths), samples=args.samples, tp=args.tp,
+                      lengths=parse_lengths(args.lengths), samples=args.samples, tp=args.tp, pp=args.pp,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       depths=args.depths, spacing=args.spacing, out_dir=args.out_dir,
                       tokenizer=args.tokenizer, allow_longer=args.allow_longer,
@@ -51,7 +51,9 @@ def add_eval_parser(sub) -> None:
                                                    "ruler:<task>, perplexity (default: niah)")
     e.add_argument("--lengths", default="4k", help="context lengths in tokens, e.g. 4k,8k,512 (default: 4k)")
     e.add_argument("--samples", type=int, default=4, help="samples per task x length (x NIAH depth)")
-    e.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= number of ranks)")
+    e.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    e.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel size (launch TP x PP ranks; default 1)")
     e.add_argument("--batch-size", type=int, default=4, help="prompts decoded together")
     e.add_argument("--max-new-tokens", type=int, default=None,
                    help="generated tokens per prompt (default: RULER's per task; 8 for niah)")

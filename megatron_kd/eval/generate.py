@@ -18,9 +18,13 @@ megatron-core 0.16.1):
 Logits are vocab-parallel (``[s, b, V_pad/TP]`` per TP rank); the forward is asked to gather
 them over the TP group (megatron's ``runtime_gather_output=True``, which its inference path
 requires), and only the last position is materialized with a cache, so every rank takes the argmax
-of the same ``[b, V]`` and picks the same token. Pipeline parallelism is refused
-(:class:`GenerationError`): decoding would need a send/recv of the new token between stages for
-every step, which no evaluation here needs (checkpoints reload under any TP layout instead).
+of the same ``[b, V]`` and picks the same token.
+
+**Pipeline parallelism.** Every prefill and decode step is one forward-only pass through
+megatron-core's pipeline schedule (it moves the ``[q_len, b, h]`` activations between stages;
+each stage's layers keep their own part of the static cache); the last stage takes the argmax
+and broadcasts the ``[b]`` new tokens over the pipeline group, so every stage feeds the same
+tokens, positions and mask to the next step.
 """
 from __future__ import annotations
 
@@ -40,14 +44,32 @@ class GenerationResult:
     stop: str  # "eos" | "stop_id" | "stop_text" | "max_tokens"
 
 
-def _check_layout() -> None:
-    from megatron.core import parallel_state
+def _pipeline():
+    """(pipeline group, global rank of its last stage) when the model spans stages, else None."""
+    from megatron.core import parallel_state as ps
 
-    if parallel_state.model_parallel_is_initialized():
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if pp > 1:
-            raise GenerationError(f"generation: pipeline_model_parallel_size={pp} is not supported "
-                                  "(evaluate with --tp only; checkpoints reload under any layout)")
+    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        return ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
+    return None
+
+
+def pipeline_forward(model, tokens, on_last_stage, **kwargs) -> None:
+    """One forward-only pass of ``[b, s]`` tokens through megatron-core's pipeline schedule;
+    ``on_last_stage(output)`` sees the last stage's output. ``kwargs`` go to the model."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, m):
+        next(data_iterator)
+        out = m(tokens, **kwargs)
+
+        def loss_func(output):
+            on_last_stage(output)
+            return torch.zeros((), device=output.device), {}
+        return out, loss_func
+
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
+                                model=model, num_microbatches=1, seq_length=tokens.shape[1],
+                                micro_batch_size=tokens.shape[0], forward_only=True)
 
 
 def _batches(prompts: Sequence[Sequence[int]], batch_size: int, equal_lengths: bool):
@@ -73,10 +95,21 @@ def _mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
     return (causal[None] | ~valid[:, None, :])[:, None]
 
 
-def _last_logits(model, tokens, positions, mask, context, vocab_size):
-    # [b, s', V_pad] gathered over TP (s' = 1 with a cache: megatron keeps the last position only)
-    out = model(tokens, positions, mask, inference_context=context, runtime_gather_output=True)
-    return out[:, -1].float()[:, :vocab_size]
+def _next_tokens(model, tokens, positions, mask, context, vocab_size) -> torch.Tensor:
+    """The greedy next token of every row, ``[b]``, identical on every rank."""
+    def argmax(out):  # [b, s', V_pad] gathered over TP (s' = 1 with a cache: the last position)
+        return out[:, -1].float()[:, :vocab_size].argmax(-1)
+
+    kwargs = dict(position_ids=positions, attention_mask=mask, inference_context=context,
+                  runtime_gather_output=True)
+    pp = _pipeline()
+    if pp is None:
+        return argmax(model(tokens, **kwargs))
+    nxt = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    pipeline_forward(model, tokens, lambda out: nxt.copy_(argmax(out)), **kwargs)
+    group, last = pp
+    torch.distributed.broadcast(nxt, src=last, group=group)
+    return nxt
 
 
 @torch.no_grad()
@@ -97,7 +130,6 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
     from megatron_kd import platform
 
-    _check_layout()
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -131,13 +163,10 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         for step in range(max_new_tokens):
             if use_cache:
                 q_len = step_tokens.shape[1]
-                logits = _last_logits(model, step_tokens, positions, _mask(valid, q_len), context,
-                                      vocab_size)
+                nxt = _next_tokens(model, step_tokens, positions, _mask(valid, q_len), context, vocab_size)
                 context.sequence_len_offset += q_len
             else:
-                logits = _last_logits(model, tokens, positions, _mask(valid, tokens.shape[1]), None,
-                                      vocab_size)
-            nxt = logits.argmax(-1)  # [b]; identical on every TP rank (same gathered logits)
+                nxt = _next_tokens(model, tokens, positions, _mask(valid, tokens.shape[1]), None, vocab_size)
             for r in range(b):
                 if done[r]:
                     continue

@@ -2,7 +2,8 @@
 uses long context keeps lowering its loss with position; one that breaks past its trained length
 shows a rise). Windows are consecutive Paul Graham essay text, unpacked, positions 0..L-1; the
 per-token loss is megatron-core's vocab-parallel cross-entropy (the model's own ``labels`` path),
-so it is TP-aware without gathering logits."""
+so it is TP-aware without gathering logits; under PP the windows go through megatron's schedule
+(generate.pipeline_forward) and the last stage's sums are broadcast."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,15 +37,26 @@ def loss_by_position(model, token_windows: List[List[int]], batch_size: int = 4)
     from megatron_kd import platform
     from megatron_kd.models.attention import attention_mask
 
-    total = None
+    from megatron_kd.eval.generate import _pipeline, pipeline_forward
+
+    pp = _pipeline()
+    total = torch.zeros(len(token_windows[0]) - 1, dtype=torch.float32, device=platform.device())
     for i in range(0, len(token_windows), batch_size):
         chunk = torch.tensor(token_windows[i:i + batch_size], dtype=torch.long, device=platform.device())
         tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
         b, s = tokens.shape
         positions = torch.arange(s, device=tokens.device).expand(b, s).contiguous()
-        loss = model(tokens, positions, attention_mask(torch.zeros_like(tokens)), labels=labels)  # [b, s]
-        part = loss.float().sum(0)
-        total = part if total is None else total + part
+        kwargs = dict(position_ids=positions, attention_mask=attention_mask(torch.zeros_like(tokens)),
+                      labels=labels)
+
+        def add(loss):  # [b, s] per-token loss (on the last pipeline stage)
+            total.add_(loss.float().sum(0))
+        if pp is None:
+            add(model(tokens, **kwargs))
+        else:
+            pipeline_forward(model, tokens, add, **kwargs)
+    if pp is not None:  # the last stage holds the sums; every rank returns them
+        torch.distributed.broadcast(total, src=pp[1], group=pp[0])
     return (total / len(token_windows)).tolist()
 
 

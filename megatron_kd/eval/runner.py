@@ -66,6 +66,7 @@ class EvalRequest:
     lengths: List[int]
     samples: int = 4
     tp: int = 1
+    pp: int = 1
     batch_size: int = 4
     max_new_tokens: Optional[int] = None  # None: RULER's per task, NIAH_NEW_TOKENS for niah
     depths: int = 5
@@ -119,6 +120,9 @@ def prepare(req: EvalRequest) -> Prepared:
     ckpt_dir = resolve_load_dir(run)
     if req.tp < 1:
         raise ConfigError(f"--tp {req.tp}: expected >= 1")
+    if req.pp < 1 or cfg.model.num_layers % req.pp:
+        raise ConfigError(f"--pp {req.pp}: expected a divisor of the model's {cfg.model.num_layers} "
+                          f"layers (model.num_layers of {cfg_path})")
     if req.samples < 1:
         raise ConfigError(f"--samples {req.samples}: expected >= 1")
     tok_path = req.tokenizer or cfg.data.tokenizer_model
@@ -167,17 +171,18 @@ def prepare(req: EvalRequest) -> Prepared:
     return Prepared(cfg, tok, samples, limit, ckpt_dir, out_dir, list(req.tasks))
 
 
-def load_model(prep: Prepared, tp: int):
-    """Build the model at TP=``tp`` (this process group) and load the checkpoint's weights
-    (megatron dist_checkpointing reshards from whatever layout it was saved in)."""
+def load_model(prep: Prepared, tp: int, pp: int = 1):
+    """Build this rank's part of the model at TP=``tp`` x PP=``pp`` (this process group) and load
+    the checkpoint's weights (megatron dist_checkpointing reshards from whatever layout it was
+    saved in)."""
     from megatron_kd import distributed
     from megatron_kd.config import ParallelConfig
     from megatron_kd.models import build_model
     from megatron_kd.training import checkpointing
 
-    distributed.init_model_parallel(ParallelConfig(tensor_model_parallel_size=tp), prep.cfg.train.seed)
-    model = build_model(prep.cfg.model, ParallelConfig(tensor_model_parallel_size=tp),
-                        prep.tokenizer.vocab_size, prep.limit)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    distributed.init_model_parallel(parallel, prep.cfg.train.seed)
+    model = build_model(prep.cfg.model, parallel, prep.tokenizer.vocab_size, prep.limit)
     checkpointing.load_model_weights(prep.ckpt_dir, [model])
     return model.eval()
 
@@ -237,12 +242,13 @@ def run_eval(req: EvalRequest, prep: Optional[Prepared] = None, model=None) -> d
     own = model is None
     if own:
         info = distributed.init_distributed()
-        if info.world_size != req.tp:
-            raise ConfigError(f"--tp {req.tp}: launched with {info.world_size} ranks; eval runs one "
-                              "model replica, so launch exactly --tp ranks (torchrun --nproc-per-node)")
+        if info.world_size != req.tp * req.pp:
+            raise ConfigError(f"--tp {req.tp} x --pp {req.pp} = {req.tp * req.pp}: launched with "
+                              f"{info.world_size} ranks; eval runs one model replica, so launch "
+                              "exactly TP x PP ranks (torchrun --nproc-per-node)")
     try:
         if own:
-            model = load_model(prep, req.tp)
+            model = load_model(prep, req.tp, req.pp)
         records = score_samples(model, prep, req.batch_size, req.progress)
         ppl = None
         if PERPLEXITY in prep.tasks:

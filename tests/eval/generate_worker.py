@@ -1,8 +1,8 @@
 """Worker for test_generate.py: greedy decoding of a tiny model, printed as one JSON line.
 
 ``save DIR``: 1 rank, deterministic init, writes the model to DIR (megatron dist_checkpointing,
-so another TP size can load it), then decodes. ``load DIR``: any TP size (= world size), loads
-DIR and decodes. Decodes the same prompts with the KV cache (batched, left padding), without the
+so another layout can load it), then decodes. ``load DIR [tp|pp]``: TP (default) or PP size =
+world size, loads DIR and decodes. Decodes the same prompts with the KV cache (batched, left padding), without the
 cache, and with the cache one prompt at a time.
 """
 import json
@@ -25,8 +25,10 @@ def main():
 
     mode, path = sys.argv[1], sys.argv[2]
     distributed.init_distributed()
-    tp = torch.distributed.get_world_size()
-    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    world = torch.distributed.get_world_size()
+    layout = sys.argv[3] if len(sys.argv) > 3 else "tp"
+    parallel = (ParallelConfig(pipeline_model_parallel_size=world) if layout == "pp"
+                else ParallelConfig(tensor_model_parallel_size=world))
     distributed.init_model_parallel(parallel, seed=3)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                       ffn_hidden_size=128, make_vocab_size_divisible_by=64, rotary_base=10000,

@@ -5,11 +5,16 @@ the distance and perplexity plots, and bad input fails in one line before comput
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 import copy_task
 from megatron_kd import cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "multirank"))
+from multirank_util import free_port, run as run_cmd  # noqa: E402  (torchrun launch helpers)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,7 @@ def test_trained_model_retrieves_and_cli_writes_outputs(run, capsys):
     (["--tasks", "niah,ruler:bogus"], "unknown task 'ruler:bogus'; expected a comma-separated list of niah"),
     (["--lengths", "4k"], "longer than the model's position limit 32"),
     (["--lengths", "12x"], "is not a token count"),
+    (["--pp", "3"], "--pp 3: expected a divisor of the model's 2 layers"),
 ])
 def test_bad_input_is_one_line(run, capsys, argv, message):
     args = {"--tasks": "niah", "--lengths": "32"}
@@ -60,3 +66,21 @@ def test_tokenizer_mismatch_is_one_line(run, capsys, tokenizer):
                    "--tokenizer", tokenizer.path)
     assert rc == 2 and "vocab size 2000" in out.err and "trained with" in out.err, out.err
     assert len(out.err.strip().splitlines()) == 1
+
+
+def test_pp2_eval_equals_one_rank(run, tmp_path, capsys):
+    """``--pp 2`` (torchrun, one layer per stage): the same predictions and loss by position as
+    one rank, through the CLI."""
+    args = ["--checkpoint", run, "--tasks", "niah_passkey,perplexity", "--lengths", copy_task.LENGTH,
+            "--samples", 2, "--depths", 2, "--max-new-tokens", copy_task.NEW_TOKENS]
+    rc, out = _cli(capsys, *args, "--out-dir", tmp_path / "one")
+    assert rc == 0, out.err[-2000:]
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+             "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_kd.cli", "eval",
+             *map(str, args), "--pp", "2", "--out-dir", str(tmp_path / "pp2")])
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "pp2"))
+    assert [s["pred"] for s in two["samples"]] == [s["pred"] for s in one["samples"]]
+    assert len(one["samples"]) == 4
+    a, b = one["summary"]["perplexity"]["per_position"], two["summary"]["perplexity"]["per_position"]
+    assert len(a) == len(b) == copy_task.LENGTH
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5 * max(a)

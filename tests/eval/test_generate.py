@@ -1,5 +1,5 @@
 """Greedy decoding: KV cache == no cache == one prompt at a time (left padding and per-prompt
-positions are invisible), and TP=2 == TP=1 on the same weights (real torchrun ranks)."""
+positions are invisible), and TP=2 == PP=2 == TP=1 on the same weights (real torchrun ranks)."""
 import json
 import sys
 from pathlib import Path
@@ -27,3 +27,15 @@ def test_cache_equals_no_cache_and_tp2_equals_tp1(tmp_path):
                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                        str(WORKER), "load", str(ckpt)]))
     assert two["cache"] == two["nocache"] == one["cache"]
+
+
+def test_pp2_equals_tp1(tmp_path):
+    """Two pipeline stages (one layer each): activations through megatron's schedule at every
+    step, each stage's own KV cache, the last stage's tokens broadcast to the first."""
+    ckpt = tmp_path / "model"
+    one = _result(run([sys.executable, str(WORKER), "save", str(ckpt)]))
+    two = _result(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                       "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                       str(WORKER), "load", str(ckpt), "pp"]))
+    assert two["cache"] == two["nocache"] == two["cache_single"] == one["cache"]
+    assert two["stopped"] == one["stopped"]
