@@ -12,10 +12,19 @@ T = `--factor` x L tokens of the demo's packed paragraph corpus (data/phase1):
 Then, each model rebuilt in this process (positions 0..s-1, unpacked):
 held-out short-text LM loss at L tokens (retention = ppl_original / ppl_model), passkey exact
 match at L (a short-text task the original solves) and at T (distances past L), and held-out LM
-loss at T. Prints one table.
+loss at T (the project's teacher-forced probe, megatron_kd/eval/passkey.py).
 
-    PYTHONPATH=$PWD python benchmarks/longred_retention.py --original /tmp/lrdemo/teacher/len0064 \
-        --out /tmp/lr_bench --steps 30
+Then the project's evaluation (`megatron-kd eval`'s code, megatron_kd/eval/runner.py, in this
+process, as the demo calls it) on each of the three models: the generation-based NIAH grid with
+the demo's passkey needle (`niah_passkey`, 3 depths, `--eval-samples` per cell) at L and T, and
+RULER `niah_single_1` at T when T fits that task's smallest prompt (otherwise the column is left
+out and the reason printed); greedy, `--eval-new-tokens` generated tokens, allow_longer (the
+original was trained at L). Each model's results.json / summary.md / heatmap go to
+`<out>/eval/<model>/`. Prints one table (scores 0-100) and writes `<out>/result.json`.
+`--eval-only` reuses the trained runs under `--out`.
+
+    PYTHONPATH=$PWD python benchmarks/longred_retention.py --original runs/demo/teacher/len0032 \
+        --out runs/lr_bench32 --steps 40 --lr 2e-3 --samples 32
 """
 from __future__ import annotations
 
@@ -122,6 +131,55 @@ def evaluate(runs: dict, L: int, T: int, samples: int) -> dict:
     return out
 
 
+RULER_TASK = "niah_single_1"
+EVAL_DIRS = {"original": "original", "CE only": "CE_only", "LongReD": "LongReD"}
+
+
+def long_context(runs: dict, out: Path, L: int, T: int, samples: int, new_tokens: int):
+    """The project's evaluation (runner.py, as `megatron-kd eval`) on every model: NIAH (passkey
+    needle, 3 depths) at L and T, RULER niah_single_1 at T. Which cells fit is checked once with the
+    shared tokenizer before any model is loaded; a length that does not fit is left out, with why.
+    Returns ({model: {column: score 0-100}}, [columns], [skip reasons])."""
+    from megatron_kd.config import ConfigError, load_config
+    from megatron_kd.data import load_tokenizer
+    from megatron_kd.eval import ruler
+    from megatron_kd.eval.niah import NiahBuilder, depth_percents
+    from megatron_kd.eval.runner import EvalRequest, prepare, run_eval
+
+    tok = load_tokenizer(load_config(str(Path(runs["original"]) / "config.yaml")).data.tokenizer_model)
+    niah_lengths, skipped = [], []
+    for length in (L, T):
+        try:
+            NiahBuilder(tok, "passkey", new_tokens).grid([length], depth_percents(3), 1)
+            niah_lengths.append(length)
+        except ConfigError as e:
+            skipped.append(f"niah_passkey@{length}: {e}")
+    try:
+        ruler.generate(RULER_TASK, tok, T, 1, max_new_tokens=new_tokens)
+        ruler_fits = True
+    except ConfigError as e:
+        ruler_fits = False
+        skipped.append(f"ruler:{RULER_TASK}@{T}: {e}")
+    cols = [("niah_passkey", n) for n in niah_lengths] + ([(f"ruler:{RULER_TASK}", T)] if ruler_fits else [])
+    rows = {}
+    for name, run in runs.items():
+        req = EvalRequest(checkpoint=Path(run), tasks=["niah_passkey"] if niah_lengths else [],
+                          lengths=niah_lengths or [T], samples=samples, depths=3, max_new_tokens=new_tokens,
+                          allow_longer=True, out_dir=out / "eval" / EVAL_DIRS.get(name, name.replace(" ", "_")),
+                          progress=False, train_doc_tokens=L if name == "original" else T)
+        prep = prepare(req)
+        if ruler_fits:
+            prep.samples += ruler.generate(RULER_TASK, prep.tokenizer, T, samples, max_new_tokens=new_tokens)
+            prep.tasks.append(f"ruler:{RULER_TASK}")
+        scores = run_eval(req, prep)["scores"]
+        rows[name] = {_col(t, n): scores.get(t, {}).get(str(n), float("nan")) for t, n in cols}
+    return rows, [_col(t, n) for t, n in cols], skipped
+
+
+def _col(task: str, length: int) -> str:
+    return f"{'ruler' if task.startswith('ruler:') else 'niah'}@{length}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--original", required=True, help="a demo teacher stage run dir (teacher/len00LL)")
@@ -131,6 +189,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=48, help="eval sequences per measure")
+    ap.add_argument("--eval-samples", type=int, default=8,
+                    help="NIAH samples per (length, depth) cell, and RULER samples, of the long-context eval")
+    ap.add_argument("--eval-new-tokens", type=int, default=8, help="generated tokens per eval prompt")
     ap.add_argument("--eval-only", action="store_true", help="reuse the trained runs under --out")
     args = ap.parse_args(argv)
     original, out = Path(args.original).resolve(), Path(args.out).resolve()
@@ -140,21 +201,35 @@ def main(argv=None):
         secs = json.loads((out / "result.json").read_text())["train_seconds"]
     else:
         secs = {name: round(train(r[name], out / name), 1) for name in ("ce", "longred")}
-    res = evaluate({"original": original, "CE only": out / "ce", "LongReD": out / "longred"},
-                   r["L"], r["T"], args.samples)
+    runs = {"original": original, "CE only": out / "ce", "LongReD": out / "longred"}
+    res = evaluate(runs, r["L"], r["T"], args.samples)
     L, T = r["L"], r["T"]
+    t = time.time()
+    lc, lc_cols, skipped = long_context(runs, out, L, T, args.eval_samples, args.eval_new_tokens)
+    lc_secs = round(time.time() - t, 1)
+    for name, scores in lc.items():
+        res[name].update(scores)
     print(f"\noriginal {original} (L={L}, theta 500k) -> T={T}, theta {args.rotary_base:g}, "
           f"{args.steps} steps, lr {args.lr}, 8 x {T} tokens per step; train seconds {secs}")
     print("own@L: LM loss on held-out passkey documents of L tokens (the original's own domain);"
           " plain@L: on held-out paragraphs; retention = ppl_original / ppl_model")
+    ruler_note = f" / ruler@n: ruler:{RULER_TASK} ({args.eval_samples})" if f"ruler@{T}" in lc_cols else ""
+    print(f"niah@n: megatron-kd eval's niah_passkey (3 depths x {args.eval_samples}){ruler_note}; greedy, "
+          f"{args.eval_new_tokens} new tokens, score 0-100; eval seconds {lc_secs}; outputs under {out / 'eval'}")
+    for why in skipped:
+        print(f"left out: {why}")
     print(f"{'model':10s} {'own@'+str(L):>9s} {'retention':>9s} {'plain@'+str(L):>9s} {'retention':>9s} "
-          f"{'passkey@'+str(L):>11s} {'passkey@'+str(T):>11s} {'plain@'+str(T):>9s}")
+          f"{'passkey@'+str(L):>11s} {'passkey@'+str(T):>11s} {'plain@'+str(T):>9s}"
+          + "".join(f" {c:>9s}" for c in lc_cols))
     for name, m in res.items():
         print(f"{name:10s} {m['own loss']:9.4f} {m['retention']:9.3f} {m['short loss']:9.4f} "
               f"{m['plain retention']:9.3f} {m['short passkey']:11.3f} {m['long passkey']:11.3f} "
-              f"{m['long loss']:9.4f}")
-    (out / "result.json").write_text(json.dumps({"args": vars(args), "L": L, "T": T, "train_seconds": secs,
-                                                 "results": res}, indent=2))
+              f"{m['long loss']:9.4f}" + "".join(f" {m[c]:9.1f}" for c in lc_cols))
+    (out / "result.json").write_text(json.dumps({
+        "args": vars(args), "L": L, "T": T, "train_seconds": secs,
+        "long_context_eval": {"columns": lc_cols, "left_out": skipped, "seconds": lc_secs,
+                              "dirs": {n: str(out / "eval" / d) for n, d in EVAL_DIRS.items()}},
+        "results": res}, indent=2))
 
 
 if __name__ == "__main__":
