@@ -127,12 +127,14 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
                                parallel_cfg.tensor_model_parallel_size)
     model_cls, spec = PositionIdGPTModel, layer_spec(model_cfg, parallel_cfg.context_parallel_size)
     if llama4.needs_custom_layers(model_cfg):  # MoE / iRoPE pieces: per-layer specs
-        if parallel_cfg.context_parallel_size > 1:
+        if model_cfg.attention_chunk_size and platform.layer_spec_kind() == "te":
             from megatron_kd.config import ConfigError
 
-            raise ConfigError("parallel.context_parallel_size > 1 with the Llama-4 model options (MoE, "
-                              "QK L2 norm, chunked attention, temperature tuning): not supported yet")
-        model_cls, spec = llama4.Llama4GPTModel, llama4.decoder_block_spec(model_cfg, config, vp_stage)
+            raise ConfigError(f"model.attention_chunk_size={model_cfg.attention_chunk_size}: chunked "
+                              "attention on the TE spec is not supported yet (TE's THD packing masks by "
+                              "document only); run it on the local spec or set it to null")
+        model_cls = llama4.Llama4GPTModel
+        spec = llama4.decoder_block_spec(model_cfg, config, vp_stage, parallel_cfg.context_parallel_size)
     model = model_cls(
         config=config,
         transformer_layer_spec=spec,

@@ -16,9 +16,16 @@ Each piece is a ModelConfig option (docs/interop.md), usable by teachers and stu
   applies it before RoPE, HF Llama-4 after; RoPE is a rotation, so the norms agree.
 
 The position-dependent pieces are one core-attention subclass (of whatever class the layer spec
-chose: the local DotProductAttention on CPU, TE's on GPU) that adjusts q and the mask, then runs
-the unchanged attention. Position ids reach it from :class:`Llama4GPTModel` (every pipeline
-stage receives them, see gpt_model.py).
+chose: the local DotProductAttention on CPU, the ring attention under context parallelism, TE's
+on GPU) that adjusts q and the mask, then runs the unchanged attention. Position ids reach it
+from :class:`Llama4GPTModel` (every pipeline stage receives them, see gpt_model.py; under CP they
+are this rank's shard, travelling with its tokens).
+
+Under CP the mask is the ring attention's per-token (document id, window index); "same chunk" is
+folded into the document id (``document · 2^32 + pos // C``), since a chunk boundary cuts
+attention exactly like a document boundary, so the ring itself is unchanged. Chunked attention
+on the TE spec is refused (TE's THD masks by the sequences of ``cu_seqlens``; chunks would need
+their own sequences, and that path has not run on a GPU).
 """
 from __future__ import annotations
 
@@ -46,6 +53,14 @@ def is_moe_layer(model_cfg, i: int) -> bool:
     return bool(model_cfg.num_moe_experts) and (i + 1) % model_cfg.moe_layer_freq == 0
 
 
+CHUNK_ID_STRIDE = 1 << 32  # document ids are window-local (< seq_length), chunks < 2^32
+
+
+def _is_ring_meta(mask) -> bool:
+    """The ring attention's [2, b, s] int64 (document id, window index), not a boolean mask."""
+    return mask is not None and mask.dtype == torch.long and mask.dim() == 3
+
+
 @functools.lru_cache(maxsize=None)
 def _position_aware(base):
     """Subclass of a core-attention class that applies temperature tuning and chunked masking."""
@@ -68,15 +83,20 @@ def _position_aware(base):
                 query = (query * t.t()[:, :, None, None]).to(query.dtype)  # query [s, b, np, hn]
             if self.chunk_size:
                 chunk = torch.div(pos, self.chunk_size, rounding_mode="floor")  # [b, s]
-                other = chunk[:, None, :, None] != chunk[:, None, None, :]  # [b, 1, s, s], True = masked
-                attention_mask = other if attention_mask is None else attention_mask | other
+                if _is_ring_meta(attention_mask):  # CP: (document, chunk) as one document id
+                    doc = attention_mask[0]
+                    joint = torch.where(doc >= 0, doc * CHUNK_ID_STRIDE + chunk, doc)
+                    attention_mask = torch.stack([joint, attention_mask[1]])
+                else:
+                    other = chunk[:, None, :, None] != chunk[:, None, None, :]  # [b, 1, s, s], True = masked
+                    attention_mask = other if attention_mask is None else attention_mask | other
             return super().forward(query, key, value, attention_mask, *args, **kwargs)
 
     PositionAwareCoreAttention.__name__ = f"PositionAware{base.__name__}"
     return PositionAwareCoreAttention
 
 
-def _layer_spec(model_cfg, i: int):
+def _layer_spec(model_cfg, i: int, context_parallel_size: int = 1):
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -97,6 +117,10 @@ def _layer_spec(model_cfg, i: int):
             normalization=m.normalization, qk_l2_norm=l2)
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention.submodules
+    if context_parallel_size > 1 and platform.layer_spec_kind() != "te":
+        from megatron_kd.models.ring_attention import RingAttention
+
+        attn.core_attention = RingAttention  # as models/attention.layer_spec does
     temperature = ((m.attn_temperature_floor_scale, m.attn_temperature_scale)
                    if m.attn_temperature_tuning and nope else None)
     chunk = m.attention_chunk_size if not nope else None
@@ -107,7 +131,7 @@ def _layer_spec(model_cfg, i: int):
     return spec
 
 
-def decoder_block_spec(model_cfg, config, vp_stage: Optional[int] = None):
+def decoder_block_spec(model_cfg, config, vp_stage: Optional[int] = None, context_parallel_size: int = 1):
     """Per-layer specs for this rank's pipeline stage (as megatron-core's get_gpt_decoder_block_spec
     slices them), wrapped in a TransformerBlockSubmodules."""
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
@@ -115,7 +139,7 @@ def decoder_block_spec(model_cfg, config, vp_stage: Optional[int] = None):
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
     from megatron_kd import platform
 
-    specs = [_layer_spec(model_cfg, i) for i in range(model_cfg.num_layers)]
+    specs = [_layer_spec(model_cfg, i, context_parallel_size) for i in range(model_cfg.num_layers)]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     if platform.layer_spec_kind() == "te":

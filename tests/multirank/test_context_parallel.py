@@ -2,8 +2,10 @@
 
 1. The ring attention (models/ring_attention.py) on 2 CP ranks equals dense document-masked
    attention over the whole window, forward and backward (float64 reference).
-2. Training at CP=2 and CP=2 x TP=2 (with full recompute) follows the CP=1 run on the same packed
-   windows: train loss, grad norm and valid loss per step, and every weight after the last step.
+2. Training at CP=2, CP=2 x TP=2 (with full recompute), CP=2 x PP=2 (the p2p buffers hold a CP
+   rank's share of the window) and CP=2 with the distributed optimizer (sharded over DP x CP)
+   follows the CP=1 run on the same packed windows: train loss, grad norm and valid loss per
+   step, and every weight after the last step.
 3. KD at CP=2 (teacher and student share the CP layout) follows KD at CP=1.
 
 Every run fine-tunes from one checkpoint (weights are not layout-invariant at random init); the
@@ -65,6 +67,10 @@ def cp_runs(tiny_recipe, tmp_path_factory):
             ("cp2", 2, ["parallel.context_parallel_size=2", *PAD]),
             ("cp2_tp2", 4, ["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=2",
                             *PAD, *RECOMPUTE]),
+            ("cp2_pp2", 4, ["parallel.context_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                            *PAD]),
+            ("cp2_distopt", 2, ["parallel.context_parallel_size=2", "parallel.use_distributed_optimizer=true",
+                                *PAD]),
             ("kd_cp1", 1, kd),
             ("kd_cp2", 2, kd + ["parallel.context_parallel_size=2", *PAD])):
         out[name] = root / name
@@ -83,6 +89,7 @@ def _close(ref: dict, got: dict, what: str):
 
 
 @pytest.mark.parametrize("name, ref, key", [("cp2", "cp1", "lm loss"), ("cp2_tp2", "cp1", "lm loss"),
+                                            ("cp2_pp2", "cp1", "lm loss"), ("cp2_distopt", "cp1", "lm loss"),
                                             ("kd_cp2", "kd_cp1", "loss"), ("kd_cp2", "kd_cp1", "kd loss"),
                                             ("kd_cp2", "kd_cp1", "lm loss")])
 def test_cp_curves_match_cp1(cp_runs, name, ref, key):
@@ -105,7 +112,8 @@ def _weights(run_dir: Path, tmp: Path) -> dict:
     return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("optimizer")}
 
 
-@pytest.mark.parametrize("name, ref", [("cp2", "cp1"), ("cp2_tp2", "cp1"), ("kd_cp2", "kd_cp1")])
+@pytest.mark.parametrize("name, ref", [("cp2", "cp1"), ("cp2_tp2", "cp1"), ("cp2_pp2", "cp1"),
+                                       ("cp2_distopt", "cp1"), ("kd_cp2", "kd_cp1")])
 def test_cp_weights_after_training_match_cp1(cp_runs, name, ref, tmp_path):
     a, b = _weights(cp_runs[name], tmp_path), _weights(cp_runs[ref], tmp_path)
     assert sorted(a) == sorted(b) and len(a) >= 8
