@@ -108,9 +108,14 @@ def _layer_spec(model_cfg, i: int, context_parallel_size: int = 1):
     experts = m.num_moe_experts if is_moe_layer(m, i) else None
     l2 = m.qk_l2_norm and not nope
     if platform.layer_spec_kind() == "te":
+        # the same THD core attention as models/te_thd.py: on the TE spec every batch carries
+        # cu_seqlens in the attention_mask argument (data/cp_layout.layout_batches)
+        from megatron_kd.models.te_thd import thd_core_attention_class
+
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=False, qk_layernorm=m.qk_layernorm, qk_l2_norm=l2)
-        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding_causal
+        spec.submodules.self_attention.submodules.core_attention = thd_core_attention_class()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(
             num_experts=experts, moe_grouped_gemm=False, qk_layernorm=m.qk_layernorm,

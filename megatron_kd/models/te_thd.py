@@ -34,6 +34,11 @@ def packed_seq_params_from(cu: torch.Tensor):
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
+def is_thd_metadata(mask) -> bool:
+    """The int32 ``[2, n+1]`` (cu_seqlens, cu_seqlens_padded) of ``cp_layout.thd_cu_seqlens``."""
+    return mask is not None and mask.dtype == torch.int32 and mask.dim() == 2 and mask.shape[0] == 2
+
+
 def thd_core_attention_class():
     """Built lazily: importing megatron's TE extension needs transformer-engine."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
@@ -41,10 +46,22 @@ def thd_core_attention_class():
 
     class THDCoreAttention(TEDotProductAttention):
         """TEDotProductAttention fed sbhd by megatron, called THD; ``attention_mask`` carries the
-        int32 ``[2, n+1]`` (cu_seqlens, cu_seqlens_padded) of ``cp_layout.thd_cu_seqlens``."""
+        int32 ``[2, n+1]`` (cu_seqlens, cu_seqlens_padded) of ``cp_layout.thd_cu_seqlens``. Any
+        other mask (a dense boolean one, or none at a KV-cache decode step) runs TE's sbhd
+        attention with an ``arbitrary`` / causal / no mask instead."""
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None, **kwargs):
+            if not is_thd_metadata(attention_mask):
+                # not a packed training window: generation (KV cache), perplexity, analysis probes
+                # pass a dense boolean mask (True = masked) or none; TE runs it in sbhd
+                if attention_mask is not None:
+                    return super().forward(query, key, value, attention_mask,
+                                           attn_mask_type=AttnMaskType.arbitrary,
+                                           attention_bias=attention_bias, **kwargs)
+                mask_type = AttnMaskType.no_mask if attn_mask_type == AttnMaskType.no_mask else AttnMaskType.causal
+                return super().forward(query, key, value, None, attn_mask_type=mask_type,
+                                       attention_bias=attention_bias, **kwargs)
             s, b = query.shape[:2]
             params = packed_seq_params_from(attention_mask)
 

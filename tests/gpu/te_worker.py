@@ -3,6 +3,7 @@ wrote it (no GPU there). Prints one ``RESULT {json}`` line per rank.
 
     te_worker.py packed       # 1 rank: DESIGN.md per-document reference on the TE THD path
     te_worker.py cp_vs_ring   # 2 ranks: TE's CP (p2p) attention vs models/ring_attention.py
+    te_worker.py generate     # 1 rank: KV-cache decoding and loss by position on the TE spec
 """
 import json
 import sys
@@ -123,5 +124,47 @@ def cp_vs_ring():
     distributed.destroy()
 
 
+def generate():
+    """The TE spec outside packed windows (THDCoreAttention's sbhd fallback): greedy decoding
+    with megatron's static KV cache equals decoding without it, and the loss by position of an
+    unpacked window equals the THD forward's (the same window as one document)."""
+    import torch.nn.functional as F
+
+    from megatron_kd import distributed, platform
+    from megatron_kd.config import ModelConfig, ParallelConfig
+    from megatron_kd.data.cp_layout import thd_cu_seqlens
+    from megatron_kd.eval.generate import greedy_generate
+    from megatron_kd.eval.perplexity import loss_by_position
+    from megatron_kd.models import build_model
+
+    distributed.init_distributed()
+    assert platform.layer_spec_kind() == "te", "needs CUDA + transformer-engine"
+    parallel = ParallelConfig()
+    distributed.init_model_parallel(parallel, seed=7)
+    vocab, seq = 250, 128
+    cfg = ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=256, make_vocab_size_divisible_by=64, kv_channels=32,
+                      init_method_std=0.2)
+    # fp32 for decoding (TE's unfused sbhd kernel: cache and no-cache round alike); bf16 for the
+    # THD comparison (TE's fused THD kernels need 16-bit inputs)
+    model = build_model(cfg, parallel, vocab_size=vocab, seq_length=seq, bf16=False).eval()
+    model16 = build_model(cfg, parallel, vocab_size=vocab, seq_length=seq, bf16=True).eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, vocab, (12,), generator=g).tolist() for _ in range(3)]
+    cached = [r.ids for r in greedy_generate(model, prompts, 16, vocab, use_cache=True)]
+    plain = [r.ids for r in greedy_generate(model, prompts, 16, vocab, use_cache=False)]
+    window = torch.randint(2, vocab, (1, seq + 1), generator=g)
+    by_pos = torch.tensor(loss_by_position(model16, window.tolist(), batch_size=1))
+    dev = platform.device()
+    tokens, labels = window[:, :-1].to(dev), window[:, 1:].to(dev)
+    with torch.no_grad():
+        logits = model16(tokens, torch.arange(seq)[None].to(dev),
+                       thd_cu_seqlens(torch.zeros(1, seq, dtype=torch.long), 1, seq).to(dev)).float()
+    thd = F.cross_entropy(logits[0, :, :vocab], labels[0], reduction="none").cpu()
+    print("RESULT " + json.dumps({"cache_equals_no_cache": cached == plain, "generated": cached,
+                                  "loss_max_diff": (by_pos - thd).abs().max().item()}), flush=True)
+    distributed.destroy()
+
+
 if __name__ == "__main__":
-    {"packed": packed_reference, "cp_vs_ring": cp_vs_ring}[sys.argv[1]]()
+    {"packed": packed_reference, "cp_vs_ring": cp_vs_ring, "generate": generate}[sys.argv[1]]()

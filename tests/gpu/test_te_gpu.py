@@ -8,7 +8,9 @@ tests/packed): these add the TE kernels.
 2. DESIGN.md's reference test on the TE THD path: each document of a packed window equals its
    own forward at its global offset (bf16), positions applied checked, and a learned-absolute
    model shows that a wrong offset fails;
-3. (2 GPUs) TE's CP attention (p2p) == the reference ring attention, forward and backward.
+3. (2 GPUs) TE's CP attention (p2p) == the reference ring attention, forward and backward;
+4. the TE spec outside packed windows: KV-cache decoding == no-cache decoding, and the loss by
+   position (dense mask -> TE sbhd) == the THD forward of the same window.
 """
 from __future__ import annotations
 
@@ -72,3 +74,10 @@ def test_te_cp_attention_equals_ring_attention():
     for r in rows:
         for key in ("out", "dq", "dk", "dv"):
             assert r[key] < 3e-2, (key, r)  # TE bf16 vs fp32 reference
+
+
+def test_generation_and_loss_by_position_on_te():
+    (r,) = _run("generate", 1)
+    assert r["cache_equals_no_cache"], r
+    assert all(len(x) == 16 for x in r["generated"])
+    assert r["loss_max_diff"] < 5e-2, r  # bf16: TE's unfused (arbitrary mask) vs fused THD kernel
