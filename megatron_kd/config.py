@@ -185,6 +185,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
+    # MoE experts split over this many data-parallel (x CP) ranks (Megatron-LM's
+    # --expert-model-parallel-size); each expert's FFN is split over TP as well
+    expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     # context parallelism (data/cp_layout.py): token slots per window for per-document padding
@@ -194,7 +197,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         _positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                  "context_parallel_size")
+                  "context_parallel_size", "expert_model_parallel_size")
         if self.virtual_pipeline_model_parallel_size is not None:
             if self.virtual_pipeline_model_parallel_size < 1:
                 raise ConfigError("parallel.virtual_pipeline_model_parallel_size: expected >= 1")
@@ -633,6 +636,17 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
             f" = {model_parallel}"
         )
     dp = world_size // model_parallel
+    ep = p.expert_model_parallel_size
+    if ep > 1:
+        if (dp * p.context_parallel_size) % ep:
+            raise ConfigError(
+                f"parallel.expert_model_parallel_size={ep} must divide data-parallel size({dp}) x "
+                f"context_parallel_size({p.context_parallel_size}) = {dp * p.context_parallel_size} "
+                f"(world size {world_size} / (TP x PP) = {world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)})")
+        for name, mc in (("model", m), ("teacher", cfg.teacher)):
+            if mc is not None and mc.num_moe_experts and mc.num_moe_experts % ep:
+                raise ConfigError(f"{name}.num_moe_experts={mc.num_moe_experts} is not divisible by "
+                                  f"parallel.expert_model_parallel_size={ep}")
     if m.num_attention_heads % p.tensor_model_parallel_size:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "

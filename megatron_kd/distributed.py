@@ -107,7 +107,7 @@ def init_distributed(timeout_minutes: int = 10) -> RankInfo:
 
 
 def init_model_parallel(parallel_cfg, seed: int) -> None:
-    """megatron parallel_state groups (TP, PP with optional virtual stages, CP, DP) + RNG tracker."""
+    """megatron parallel_state groups (TP, PP with optional virtual stages, CP, EP, DP) + RNG tracker."""
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
@@ -117,6 +117,7 @@ def init_model_parallel(parallel_cfg, seed: int) -> None:
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel_cfg.context_parallel_size,
+        expert_model_parallel_size=getattr(parallel_cfg, "expert_model_parallel_size", 1),
     )
     # Same data-parallel seed on every rank, distinct per TP rank for the TP region, distinct per
     # PP stage (Megatron-LM's _set_random_seed convention).

@@ -2,8 +2,9 @@
 path), forward a token window, gather the vocab-parallel logits and compare with transformers'
 logits of the original HF model on the same tokens. Prints ``RESULT {json}`` on rank 0.
 
-argv: CASES_JSON -- a list of {"name", "run", "hf", "seq", "steps" (greedy tokens, optional),
-"tokens" (optional list; default random)}.
+argv: CASES_JSON [tp|ep] -- a list of {"name", "run", "hf", "seq", "steps" (greedy tokens,
+optional), "tokens" (optional list; default random)}; the world is TP (default) or, with ``ep``,
+expert parallelism (TP=1, the MoE experts split over the ranks).
 """
 import dataclasses
 import json
@@ -41,14 +42,16 @@ def hf_reference(case):
     return tokens, ref, ctx[0, tokens.shape[1]:].tolist()
 
 
-def check(case, tokens, ref, greedy_hf):
+def check(case, tokens, ref, greedy_hf, layout="tp"):
     from megatron_kd import distributed
     from megatron_kd.config import TeacherConfig, load_config
     from megatron_kd.data import load_tokenizer
     from megatron_kd.kd.teacher import build_teacher_chunks
 
-    tp = torch.distributed.get_world_size()
-    cfg = load_config(f"{case['run']}/config.yaml", [f"parallel.tensor_model_parallel_size={tp}"])
+    world = torch.distributed.get_world_size()
+    tp = world if layout == "tp" else 1
+    cfg = load_config(f"{case['run']}/config.yaml", [f"parallel.tensor_model_parallel_size={tp}",
+                                                     f"parallel.expert_model_parallel_size={world // tp}"])
     cfg.teacher = TeacherConfig(**dataclasses.asdict(cfg.model), load=case["run"])
     cfg.data.seq_length = tokens.shape[1]
     distributed.init_model_parallel(cfg.parallel, seed=1)
@@ -57,7 +60,7 @@ def check(case, tokens, ref, greedy_hf):
     ref = ref[..., :vocab]
     ours = our_logits(chunks, tokens, vocab)
     diff = (ours - ref).abs()
-    result = {"tp": tp, "max_abs_diff": diff.max().item(), "max_abs_logit": ref.abs().max().item(),
+    result = {"tp": tp, "ep": world // tp, "max_abs_diff": diff.max().item(), "max_abs_logit": ref.abs().max().item(),
               "argmax_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
               "seq": tokens.shape[1]}
     aware = [m for c in chunks for m in c.modules() if hasattr(m, "chunk_size") and hasattr(m, "temperature")]
@@ -86,7 +89,8 @@ def main():
     from megatron_kd import distributed
 
     distributed.init_distributed()
-    results = {c["name"]: check(c, *r) for c, r in zip(cases, refs)}
+    layout = sys.argv[2] if len(sys.argv) > 2 else "tp"
+    results = {c["name"]: check(c, *r, layout=layout) for c, r in zip(cases, refs)}
     if torch.distributed.get_rank() == 0:
         print("RESULT " + json.dumps(results), flush=True)
     distributed.destroy()

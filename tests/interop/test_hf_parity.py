@@ -65,6 +65,21 @@ def test_logits_equal_transformers(converted, tp, family):
         assert r["diff_without_temperature"] > 100 * TOL, r
 
 
+def test_llama4_logits_equal_transformers_at_ep2(converted):
+    """Expert parallelism (parallel.expert_model_parallel_size=2, TP=1, 2 ranks): each rank holds
+    2 of the 4 experts (megatron's allgather dispatcher sends tokens to their owners); the
+    converted teacher still gives transformers' logits."""
+    out, _ = converted
+    spec = out / "cases_ep2.json"
+    spec.write_text(json.dumps([{"name": "llama4", "run": str(out / "llama4_mcore"), "hf": str(out / "llama4"),
+                                 "seq": SEQ}]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(HERE / "parity_worker.py"), str(spec), "ep"]
+    r = _result(subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env(), cwd=REPO))["llama4"]
+    assert r["ep"] == 2 and r["tp"] == 1
+    assert r["max_abs_logit"] > 0.1 and r["max_abs_diff"] < TOL and r["argmax_agree"] == 1.0, r
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_round_trip_is_bit_exact(converted, family):
     from safetensors.torch import load_file

@@ -212,6 +212,23 @@ def test_world_size_not_divisible_shows_arithmetic():
     assert "pipeline_model_parallel_size(3)" in msg and "= 6" in msg
 
 
+def test_expert_parallel_layout_checks():
+    moe = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=6)
+    cfg = _cfg(model=moe, parallel=dict(expert_model_parallel_size=2),
+               train=dict(micro_batch_size=1, global_batch_size=4))
+    validate_layout(cfg, 4)  # 6 experts over 2 of the 4 data-parallel ranks
+    cfg.parallel.expert_model_parallel_size = 4
+    with pytest.raises(ConfigError, match=r"model.num_moe_experts=6 is not divisible by "
+                                          r"parallel.expert_model_parallel_size=4"):
+        validate_layout(cfg, 4)
+    cfg.parallel.expert_model_parallel_size = 3
+    with pytest.raises(ConfigError, match=r"expert_model_parallel_size=3 must divide data-parallel "
+                                          r"size\(4\) x context_parallel_size\(1\) = 4"):
+        validate_layout(cfg, 4)
+    with pytest.raises(ConfigError, match="expert_model_parallel_size"):
+        ParallelConfig(expert_model_parallel_size=0)
+
+
 def test_heads_not_divisible_by_tp():
     cfg = _cfg(model=dict(hidden_size=96, num_attention_heads=6),
                parallel=dict(tensor_model_parallel_size=4), train=dict(micro_batch_size=1, global_batch_size=1))
