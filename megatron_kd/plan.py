@@ -18,6 +18,9 @@ stated:
   interleaved;
 - logits: full [tokens, V/TP] (bf16 logits + fp32 copy and gradient for CE, + the teacher's and
   the fp32 softmaxes for exact KD) vs the fused chunked KD loss (one chunk of fp32 logits);
+- MoE layers (``num_moe_experts``, every ``moe_layer_freq``-th layer): the router, the local
+  experts (``num_moe_experts / expert_model_parallel_size``, each split over TP) and the shared
+  expert, counted exactly; FLOPs count the router, the top-k experts and the shared expert.
 - throughput: model FLOPs per token (6·N + 12·L·h_q·s_att for the student's fwd+bwd, 2·N_T +
   4·L_T·h_q·s_att for the teacher forward; s_att = mean keys per query under the document
   mask, ≈ (doc_length + 1)/2), tokens/s = ranks × MFU × peak / FLOPs per token. Recompute costs
@@ -45,8 +48,15 @@ H100_BF16_DENSE_TFLOPS = 989.0
 # ----------------------------------------------------------------------------- parameters
 
 
-def layer_params(m, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank."""
+def _mlp_params(h: int, ffn: int, glu: int, bias: bool, tp: int) -> int:
+    """A (SwiGLU) MLP on one TP rank: column-parallel fc1, row-parallel fc2 (bias not sharded)."""
+    return h * ffn * glu // tp + (ffn * glu // tp if bias else 0) + ffn * h // tp + (h if bias else 0)
+
+
+def layer_params(m, tp: int, moe: bool = False, ep: int = 1, active: bool = False) -> int:
+    """Parameters of one transformer layer on one TP (x EP) rank. ``moe``: the layer is a
+    megatron-core MoE layer (router replicated, num_moe_experts / EP local experts split over TP,
+    shared expert split over TP). ``active``: per token instead (top-k experts), for FLOPs."""
     h, a = m.hidden_size, m.num_attention_heads
     kv = m.kv_channels or h // a
     g = m.num_query_groups or a
@@ -54,16 +64,28 @@ def layer_params(m, tp: int) -> int:
     glu = 2 if m.swiglu else 1
     bias = m.add_bias_linear
     norm = h if m.normalization == "RMSNorm" else 2 * h
-    qkv = h * kv * (a + 2 * g) // tp + (kv * (a + 2 * g) // tp if bias else 0)
+    qkv = h * kv * (a + 2 * g) // tp + (kv * (a + 2 * g) // tp if bias or m.add_qkv_bias else 0)
     proj = a * kv * h // tp + (h if bias else 0)  # row-parallel bias is not sharded
-    fc1 = h * ffn * glu // tp + (ffn * glu // tp if bias else 0)
-    fc2 = ffn * h // tp + (h if bias else 0)
-    return qkv + proj + fc1 + fc2 + 2 * norm
+    qk_norm = 2 * kv * (1 if m.normalization == "RMSNorm" else 2) if m.qk_layernorm else 0
+    if not moe:
+        return qkv + proj + qk_norm + _mlp_params(h, ffn, glu, bias, tp) + 2 * norm
+    e_ffn = m.moe_ffn_hidden_size or ffn
+    experts = m.moe_router_topk if active else m.num_moe_experts // ep
+    mlp = h * m.num_moe_experts + experts * _mlp_params(h, e_ffn, glu, bias, tp)  # router + experts
+    if m.moe_shared_expert_intermediate_size:
+        mlp += _mlp_params(h, m.moe_shared_expert_intermediate_size, glu, bias, tp)
+    return qkv + proj + qk_norm + mlp + 2 * norm
+
+
+def _is_moe(m, i: int) -> bool:
+    """0-based layer index -> MoE layer (models/llama4.py's interleave)."""
+    return bool(m.num_moe_experts) and (i + 1) % m.moe_layer_freq == 0
 
 
 def params_per_rank(m, parallel, vocab_size: int, seq_length: int) -> List[int]:
     """Parameters held by each pipeline rank (equal over TP/CP/DP ranks), index = PP rank."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep = getattr(parallel, "expert_model_parallel_size", 1)
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     v = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
     h = m.hidden_size
@@ -71,7 +93,9 @@ def params_per_rank(m, parallel, vocab_size: int, seq_length: int) -> List[int]:
     per_chunk = m.num_layers // (pp * vpp)
     out = []
     for rank in range(pp):
-        n = vpp * per_chunk * layer_params(m, tp)
+        # virtual chunk c of rank r holds layers [(c * pp + r) * per_chunk, ... + per_chunk)
+        layers = [(c * pp + rank) * per_chunk + j for c in range(vpp) for j in range(per_chunk)]
+        n = sum(layer_params(m, tp, _is_moe(m, i), ep) for i in layers)
         if rank == 0:
             n += v // tp * h
             if m.position_embedding_type == "learned_absolute":
@@ -85,10 +109,12 @@ def params_per_rank(m, parallel, vocab_size: int, seq_length: int) -> List[int]:
 
 
 def flops_per_token(m, vocab_size: int, attended: float, backward: bool) -> float:
-    """Model FLOPs per token: 2 per multiply-add, ×3 with backward."""
+    """Model FLOPs per token: 2 per multiply-add, ×3 with backward; MoE layers count the router,
+    the top-k experts a token is routed to and the shared expert."""
     h, a = m.hidden_size, m.num_attention_heads
     kv = m.kv_channels or h // a
-    dense = m.num_layers * layer_params(m, 1) + h * vocab_size  # output projection
+    dense = sum(layer_params(m, 1, _is_moe(m, i), active=True) for i in range(m.num_layers))
+    dense += h * vocab_size  # output projection
     attn = 4 * m.num_layers * a * kv * attended  # QK^T and PV
     return (3 if backward else 1) * (2 * dense + attn)
 
@@ -131,7 +157,7 @@ class Plan:
     def table(self) -> str:
         L = self.layout
         lines = [f"layout: world {L['world']} = TP {L['tp']} x PP {L['pp']} x CP {L['cp']} x DP {L['dp']}"
-                 f" (VPP {L['vpp']}), micro-batch {L['micro_batch']} x {L['capacity']} tokens"
+                 f" (VPP {L['vpp']}, EP {L.get('ep', 1)}), micro-batch {L['micro_batch']} x {L['capacity']} tokens"
                  f" ({self.tokens_per_rank} per rank), {L['microbatches']} micro-batches/step",
                  f"parameters per rank (PP rank 0..): {', '.join(f'{p / 1e6:,.1f}M' for p in self.params_per_rank)}",
                  "", f"{'memory per rank (worst stage)':<44}{'GiB':>10}"]
@@ -168,7 +194,8 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
     act_b = 2 if bf16 else 4
     params = params_per_rank(m, p, vocab_size, seq)
     worst = max(params)
-    plan = Plan(layout=dict(world=world, tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, micro_batch=t.micro_batch_size,
+    plan = Plan(layout=dict(world=world, tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, ep=p.expert_model_parallel_size,
+                            micro_batch=t.micro_batch_size,
                             capacity=cap, microbatches=micro), tokens_per_rank=T, params_per_rank=params)
     b = plan.bytes
     b["parameters"] = worst * act_b
@@ -176,6 +203,10 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
     opt = worst * ((4 if bf16 else 0) + 8)
     shard = dp * cp if p.use_distributed_optimizer else 1
     b[f"optimizer ({'distributed /' + str(shard) if shard > 1 else 'plain'})"] = opt / shard
+    if m.num_moe_experts or (cfg.teacher is not None and cfg.teacher.num_moe_experts):
+        plan.notes.append("MoE: parameters count the local experts (num_moe_experts / EP, each split over "
+                          "TP) exactly; activations are modelled as a dense FFN of ffn_hidden_size, and the "
+                          "distributed optimizer's expert shards (over DP x CP / EP) as dense ones")
 
     doc = doc_length or seq
     keys = cap // cp if attention == "local" else 0  # local dense attention: keys of the layout

@@ -128,12 +128,14 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
                                parallel_cfg.tensor_model_parallel_size)
     model_cls, spec = PositionIdGPTModel, layer_spec(model_cfg, parallel_cfg.context_parallel_size)
     if llama4.needs_custom_layers(model_cfg):  # MoE / iRoPE pieces: per-layer specs
-        if model_cfg.attention_chunk_size and platform.layer_spec_kind() == "te":
+        if (model_cfg.attention_chunk_size and platform.layer_spec_kind() == "te"
+                and parallel_cfg.context_parallel_size > 1):
             from megatron_kd.config import ConfigError
 
-            raise ConfigError(f"model.attention_chunk_size={model_cfg.attention_chunk_size}: chunked "
-                              "attention on the TE spec is not supported yet (TE's THD packing masks by "
-                              "document only); run it on the local spec or set it to null")
+            raise ConfigError(f"model.attention_chunk_size={model_cfg.attention_chunk_size} with "
+                              f"parallel.context_parallel_size={parallel_cfg.context_parallel_size} on the "
+                              "TE spec: not supported yet (TE's CP layout pads per document, chunks would "
+                              "need their own padding); use CP = 1 or the local spec")
         model_cls = llama4.Llama4GPTModel
         spec = llama4.decoder_block_spec(model_cfg, config, vp_stage, parallel_cfg.context_parallel_size)
     model = model_cls(

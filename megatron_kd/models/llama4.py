@@ -23,9 +23,9 @@ are this rank's shard, travelling with its tokens).
 
 Under CP the mask is the ring attention's per-token (document id, window index); "same chunk" is
 folded into the document id (``document · 2^32 + pos // C``), since a chunk boundary cuts
-attention exactly like a document boundary, so the ring itself is unchanged. Chunked attention
-on the TE spec is refused (TE's THD masks by the sequences of ``cu_seqlens``; chunks would need
-their own sequences, and that path has not run on a GPU).
+attention exactly like a document boundary, so the ring itself is unchanged. On the TE spec the
+same idea cuts the THD sequences (``te_thd.chunked_cu_seqlens``) at CP = 1; TE with CP > 1 is
+refused (TE's CP layout pads per document, not per chunk). Not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from megatron_kd.models.gpt_model import PositionIdGPTModel
+from megatron_kd.models.te_thd import chunked_cu_seqlens, is_thd_metadata
 
 
 def needs_custom_layers(model_cfg) -> bool:
@@ -83,7 +84,9 @@ def _position_aware(base):
                 query = (query * t.t()[:, :, None, None]).to(query.dtype)  # query [s, b, np, hn]
             if self.chunk_size:
                 chunk = torch.div(pos, self.chunk_size, rounding_mode="floor")  # [b, s]
-                if _is_ring_meta(attention_mask):  # CP: (document, chunk) as one document id
+                if is_thd_metadata(attention_mask):  # TE: chunks become THD sequences of their own
+                    attention_mask = chunked_cu_seqlens(attention_mask, pos, self.chunk_size)
+                elif _is_ring_meta(attention_mask):  # CP: (document, chunk) as one document id
                     doc = attention_mask[0]
                     joint = torch.where(doc >= 0, doc * CHUNK_ID_STRIDE + chunk, doc)
                     attention_mask = torch.stack([joint, attention_mask[1]])

@@ -39,6 +39,20 @@ def is_thd_metadata(mask) -> bool:
     return mask is not None and mask.dtype == torch.int32 and mask.dim() == 2 and mask.shape[0] == 2
 
 
+def chunked_cu_seqlens(cu: torch.Tensor, position_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Llama-4 chunked attention as THD sequences: the documents of ``cu`` (``[2, n+1]``,
+    window-major) cut again wherever a position id starts a chunk (``pos % C == 0``), so token i
+    sees j iff same document, same ``pos // C`` and j <= i -- the local spec's mask. Needs
+    unpadded sequences (CP = 1; with CP the per-document padding would have to follow chunks)."""
+    real, padded = cu[0], cu[1]
+    if not torch.equal(real, padded):
+        raise ValueError("chunked attention on TE's THD path needs unpadded sequences (CP = 1)")
+    pos = position_ids.reshape(-1)  # [b * s], window-major like cu_seqlens
+    starts = torch.nonzero(pos % chunk_size == 0).reshape(-1).to(real.dtype)
+    bounds = torch.unique(torch.cat([real, starts]))  # sorted, 0 and the total included
+    return torch.stack([bounds, bounds])
+
+
 def thd_core_attention_class():
     """Built lazily: importing megatron's TE extension needs transformer-engine."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention

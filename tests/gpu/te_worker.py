@@ -4,6 +4,7 @@ wrote it (no GPU there). Prints one ``RESULT {json}`` line per rank.
     te_worker.py packed       # 1 rank: DESIGN.md per-document reference on the TE THD path
     te_worker.py cp_vs_ring   # 2 ranks: TE's CP (p2p) attention vs models/ring_attention.py
     te_worker.py generate     # 1 rank: KV-cache decoding and loss by position on the TE spec
+    te_worker.py llama4_thd   # 1 rank: Llama-4 pieces (chunks as THD sequences) vs the dense mask
 """
 import json
 import sys
@@ -166,5 +167,43 @@ def generate():
     distributed.destroy()
 
 
+def llama4_thd():
+    """A Llama-4 config (MoE, NoPE + temperature, chunked attention, QK L2 norm) on the TE spec:
+    a packed window through THD (chunks cut into sequences: te_thd.chunked_cu_seqlens) equals
+    the same window with the dense document|chunk mask (TE's arbitrary-mask kernel)."""
+    from megatron_kd import distributed, platform
+    from megatron_kd.config import ModelConfig, ParallelConfig
+    from megatron_kd.data.cp_layout import thd_cu_seqlens
+    from megatron_kd.data.packing import (document_attention_mask, document_ids_from_tokens,
+                                          position_ids_from_document_ids)
+    from megatron_kd.models import build_model
+
+    distributed.init_distributed()
+    assert platform.layer_spec_kind() == "te", "needs CUDA + transformer-engine"
+    parallel = ParallelConfig()
+    distributed.init_model_parallel(parallel, seed=7)
+    seq, vocab, eos = 256, 250, 1
+    cfg = ModelConfig(num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=256, make_vocab_size_divisible_by=64, kv_channels=32,
+                      no_rope_freq=2, attn_temperature_tuning=True, attn_temperature_floor_scale=16,
+                      attn_temperature_scale=0.5, attention_chunk_size=32, qk_l2_norm=True,
+                      num_moe_experts=4, moe_layer_freq=2, moe_ffn_hidden_size=128,
+                      moe_shared_expert_intermediate_size=128)
+    model = build_model(cfg, parallel, vocab_size=vocab, seq_length=seq, bf16=True).eval()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(2, vocab, (1, seq), generator=g)
+    tokens[0, torch.tensor([17, 63, 64, 150, 200, 255]) - 1] = eos
+    doc = document_ids_from_tokens(tokens, eos)
+    pos = position_ids_from_document_ids(doc, reset=False)
+    dev = platform.device()
+    with torch.no_grad():
+        thd = model(tokens.to(dev), pos.to(dev), thd_cu_seqlens(doc, 1, seq).to(dev)).float()
+        dense = model(tokens.to(dev), pos.to(dev), document_attention_mask(doc).to(dev)).float()
+    rel = ((thd - dense).abs().max() / dense.abs().max()).item()
+    print("RESULT " + json.dumps({"thd_vs_dense_rel": rel}), flush=True)
+    distributed.destroy()
+
+
 if __name__ == "__main__":
-    {"packed": packed_reference, "cp_vs_ring": cp_vs_ring, "generate": generate}[sys.argv[1]]()
+    {"packed": packed_reference, "cp_vs_ring": cp_vs_ring, "generate": generate,
+     "llama4_thd": llama4_thd}[sys.argv[1]]()

@@ -10,7 +10,8 @@ tests/packed): these add the TE kernels.
    model shows that a wrong offset fails;
 3. (2 GPUs) TE's CP attention (p2p) == the reference ring attention, forward and backward;
 4. the TE spec outside packed windows: KV-cache decoding == no-cache decoding, and the loss by
-   position (dense mask -> TE sbhd) == the THD forward of the same window.
+   position (dense mask -> TE sbhd) == the THD forward of the same window;
+5. the Llama-4 pieces on TE: THD with chunks cut into sequences == the dense document|chunk mask.
 """
 from __future__ import annotations
 
@@ -81,3 +82,8 @@ def test_generation_and_loss_by_position_on_te():
     assert r["cache_equals_no_cache"], r
     assert all(len(x) == 16 for x in r["generated"])
     assert r["loss_max_diff"] < 5e-2, r  # bf16: TE's unfused (arbitrary mask) vs fused THD kernel
+
+
+def test_llama4_chunks_as_thd_sequences_on_te():
+    (r,) = _run("llama4_thd", 1)
+    assert r["thd_vs_dense_rel"] < 2e-2, r  # bf16, two TE kernels

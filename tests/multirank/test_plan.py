@@ -1,7 +1,8 @@
 """``megatron-kd plan`` against what megatron-core really allocates.
 
 - Parameters per rank: exact, against models built at TP=2, PP=2 (tied and untied embeddings,
-  learned absolute positions) in 2 real processes.
+  learned absolute positions), MoE layers at EP=2 and TP=2, QK norm + QKV bias, in 2 real
+  processes.
 - Optimizer state: plain Adam holds 2 fp32 elements per parameter (exact); the distributed
   optimizer shards them over DP (within megatron's bucket padding).
 - Activations: in test_recompute.py (it measures the saved tensors of the same forward passes).
@@ -26,6 +27,14 @@ LAYOUTS = {
                                "model.untie_embeddings_and_output_weights=true",
                                "model.position_embedding_type=learned_absolute"],
     "dp2_distopt": MODEL + ["parallel.use_distributed_optimizer=true"],
+    # Llama-4-style MoE every 2nd layer (router, 4 experts, shared expert) with the experts split
+    # over EP=2, and over TP=2 (megatron splits each expert's FFN over TP); Qwen-style norms/bias
+    "moe_ep2": MODEL + ["model.num_moe_experts=4", "model.moe_layer_freq=2", "model.moe_ffn_hidden_size=48",
+                        "model.moe_shared_expert_intermediate_size=32", "parallel.expert_model_parallel_size=2"],
+    "moe_tp2": MODEL + ["model.num_moe_experts=4", "model.moe_layer_freq=2", "model.moe_ffn_hidden_size=48",
+                        "model.moe_shared_expert_intermediate_size=32", "parallel.tensor_model_parallel_size=2"],
+    "qk_norm_qkv_bias_pp2": MODEL + ["model.qk_layernorm=true", "model.add_qkv_bias=true",
+                                     "parallel.pipeline_model_parallel_size=2"],
 }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_kd.data.cp_layout import capacity, layout_indices, plan_segments, shard_batch, unshard
+from megatron_kd.data.cp_layout import (capacity, layout_indices, plan_segments, shard_batch,
+                                         thd_cu_seqlens, unshard)
 from megatron_kd.data.packing import (document_ids_from_tokens, loss_mask_from_tokens,
                                       position_ids_from_document_ids)
 
@@ -105,3 +106,29 @@ def test_thd_cu_seqlens_for_te():
     assert all((b - a) % 4 == 0 for a, b in zip(cu[1].tolist(), cu[1].tolist()[1:]))
     with pytest.raises(DataError, match="parallel.context_parallel_padding"):
         thd_cu_seqlens(doc, 2, 64)  # no room for per-document padding: TE would mix documents
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_chunked_cu_seqlens_equal_the_dense_chunk_mask(reset):
+    """Llama-4 chunked attention on TE's THD path: the documents cut at chunk starts give exactly
+    the local spec's mask (same document, same pos // C, causal) -- global or reset positions."""
+    from megatron_kd.data.packing import document_attention_mask
+    from megatron_kd.models.te_thd import chunked_cu_seqlens
+
+    torch.manual_seed(1)
+    b, s, C = 2, 64, 8
+    doc = torch.zeros(b, s, dtype=torch.long)
+    for row, cuts in zip(doc, ([5, 19, 20, 47], [30])):  # documents of 5, 14, 1, 27, 17 / 30, 34
+        for c in cuts:
+            row[c:] += 1
+    pos = position_ids_from_document_ids(doc, reset=reset)
+    cu = chunked_cu_seqlens(thd_cu_seqlens(doc, 1, s), pos, C)
+    seg = torch.zeros(b * s, dtype=torch.long)
+    seg[cu[0, 1:-1].long()] = 1
+    seg = seg.cumsum(0).view(b, s)  # THD sequence id of every token
+    chunk = pos // C
+    want = document_attention_mask(doc) | (chunk[:, None, :, None] != chunk[:, None, None, :])
+    assert torch.equal(document_attention_mask(seg), want)
+    assert len(cu[0]) - 1 > 7  # chunks really cut documents (7 documents in all)
+    with pytest.raises(ValueError, match="unpadded"):
+        chunked_cu_seqlens(thd_cu_seqlens(doc, 2, capacity(s, 2, padding=16)), pos, C)
