@@ -1,6 +1,7 @@
 """config: YAML recipes + dotted overrides, one-line errors naming the key, layout arithmetic."""
 import dataclasses
 import glob
+import math
 import os
 
 import pytest
@@ -345,8 +346,10 @@ def test_recipes_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     p = cfg.parallel
-    # The smallest world the recipe's layout allows must validate (the recipe is consistent).
-    validate_layout(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
+    # The smallest world the recipe's layout allows must validate (the recipe is consistent):
+    # with expert parallelism, enough data-parallel ranks for EP to divide DP x CP.
+    dp = p.expert_model_parallel_size // math.gcd(p.expert_model_parallel_size, p.context_parallel_size)
+    validate_layout(cfg, p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size * dp)
 
 
 def test_base_recipe_inheritance(tmp_path):
