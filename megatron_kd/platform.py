@@ -252,6 +252,14 @@ _FACTORIES = (
 
 def _install_cpu_mapping() -> None:
     cuda = torch.cuda
+    # torch's device context manager (``with torch.device("meta"):``) recognises factories by
+    # identity, from a set it builds (and caches) on first use. Build it now, from the original
+    # functions: built after the patch below it would hold the wrappers, and the originals the
+    # wrappers call would no longer get the context's device (transformers' from_pretrained
+    # then materialised real, later discarded, RoPE buffers and kept uninitialised ones).
+    from torch.utils import _device
+
+    _device._device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _wrap_factory(getattr(torch, name)))
 

@@ -83,8 +83,7 @@ def check(case, tokens, ref, greedy_hf, layout="tp"):
 
 def main():
     cases = json.loads(open(sys.argv[1]).read())
-    # transformers first: platform.setup()'s CPU device mapping (init_distributed) corrupts the
-    # non-persistent RoPE buffers transformers 5 materialises in from_pretrained.
+    # transformers first, then torch.distributed: the references never share a process group
     refs = [hf_reference(c) for c in cases]
     from megatron_kd import distributed
 

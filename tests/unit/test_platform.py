@@ -99,6 +99,10 @@ dev["tensor_to_dtype"] = str(torch.zeros(1).to(torch.float64).dtype)
 dev["module_cuda"] = next(torch.nn.Linear(2, 2).cuda().parameters()).device.type
 out["devices"] = dev
 out["current_device"] = torch.cuda.current_device()
+# torch's device context still reaches the wrapped factories (transformers builds on "meta")
+with torch.device("meta"):
+    out["meta_context"] = [torch.arange(3).device.type, torch.empty(2).device.type,
+                           torch.zeros(2, device="cuda").device.type]
 
 # ---- streams and events are no-ops
 s = torch.cuda.Stream()
@@ -188,6 +192,13 @@ def test_cuda_device_requests_land_on_cpu(cpu):
     assert cpu["devices"] == {k: "cpu" for k in cpu["devices"]}
     assert len(cpu["devices"]) == 9
     assert cpu["current_device"] == 0
+
+
+def test_device_context_survives_the_mapping(cpu):
+    """Built after the patch, torch's factory set would hold the wrappers and ``with
+    torch.device("meta")`` would silently allocate real CPU memory (it corrupted the RoPE buffers
+    of transformers models loaded after setup)."""
+    assert cpu["meta_context"] == ["meta", "meta", "cpu"]
 
 
 def test_streams_and_events_are_noops(cpu):
