@@ -6,6 +6,9 @@ A tiny 2-layer model with random weights is written as a training run directory
 * pre-RoPE queries of layer 0 are bit-identical across repeats and post-RoPE ones are not;
 * under the document mask with a float64 model (parameters, activations, RoPE angles) every
   repeat's outputs match to ~1e-12, while the fp32 default visibly does not (the check can fail);
+* with Llama-4's position-dependent pieces (NoPE temperature tuning) the same float64 audit
+  under the document mask shows real positional signal, growing with the offset, while the
+  reset-positions control stays exactly 0 (what the audit is for);
 * TP=2 and PP=2 captures equal the TP=1 capture (torchrun, 2 ranks);
 * evolution of a checkpoint against itself is exactly zero, and against another is not;
 * the RoPE frequency index of every query dimension matches what megatron-core's
@@ -55,9 +58,11 @@ def _run(args, nproc=1, expect=0):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     out = {}
-    for name, theta, seed in (("run_a", 10000, 1234), ("run_b", 500000, 99)):
-        proc = subprocess.run([sys.executable, str(HERE / "make_tiny_run.py"), str(root / name), str(theta), str(seed)],
-                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    for name, theta, seed, *extra in (("run_a", 10000, 1234), ("run_b", 500000, 99),
+                                      ("run_l4", 10000, 99, "llama4")):
+        proc = subprocess.run([sys.executable, str(HERE / "make_tiny_run.py"), str(root / name), str(theta),
+                               str(seed), *extra], cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = root / name
     return out
@@ -104,6 +109,20 @@ def test_perturbation_probe_and_audit(runs):
     assert min(f32["distance_post_rope"]["per_layer"][0][1:]) > 0
     assert f32["cosine_pre_rope"]["per_layer"][0] == pytest.approx([1.0] * REPEATS, abs=1e-12)
     assert len(f32["output"]["first_top_ranks"]) == REPEATS and f32["output"]["first_top_ranks"][0] == list(range(10))
+
+
+def test_audit_sees_llama4_position_signal(runs):
+    """Temperature tuning scales q by log(floor((pos + 1) / 8) + 1) * 0.5 + 1 on the NoPE layer:
+    under the document mask, in float64, repeat k differs from repeat 0 by far more than
+    rounding, and more the further it sits; resetting positions per block removes it exactly."""
+    out = Path(runs["run_l4"]).parent / "pert_l4"
+    _run(["analyze", "perturbation", "--checkpoint", str(runs["run_l4"]), "--block-tokens", str(BLOCK),
+          "--repeats", str(REPEATS), "--out", str(out)])
+    doc = json.loads((out / "run_l4_perturbation.json").read_text())["metrics"]["document"]
+    diff = doc["float64_model"]["output"]["max_abs_logit_diff"]
+    assert diff[0] == 0.0 and min(diff[1:]) > 1e-6, diff  # RoPE-only models: < 1e-12 (above)
+    assert diff[-1] > diff[1], diff  # the temperature grows with log(position)
+    assert doc["reset_position_ids"]["output"]["max_abs_logit_diff"] == [0.0] * REPEATS
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
