@@ -153,13 +153,16 @@ class Trainer:
         for chunk in chunks:
             chunk.config.calculate_per_token_loss = True
         self.model = wrap_ddp(chunks, cfg.parallel)
-        named = [(n, q) for c in chunks for n, q in c.named_parameters() if q.requires_grad]
-        trained = [q for _, q in named]
-        experts = sum(q.numel() for n, q in named if ".experts." in n)  # routed (not shared_experts)
+        named = [(n, q) for c in chunks for n, q in c.named_parameters()]
+
+        def count(trainable: bool) -> str:  # routed experts by name (not shared_experts)
+            ps_ = [(n, q) for n, q in named if q.requires_grad == trainable]
+            experts = sum(q.numel() for n, q in ps_ if ".experts." in n)
+            return f"{sum(q.numel() for _, q in ps_):,} parameters ({experts:,} in MoE experts)"
         p = cfg.parallel
         self._print(f"layout: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP "
                     f"{p.context_parallel_size} x DP {self.dp_size} (EP {p.expert_model_parallel_size}); "
-                    f"rank 0 trains {sum(q.numel() for q in trained):,} parameters ({experts:,} in MoE experts)")
+                    f"rank 0 trains {count(True)}; frozen teacher {count(False)}")
         config.finalize_model_grads_func = finalize_model_grads
         config.batch_p2p_comm = platform.batch_p2p_comm()
         config.no_sync_func = [m.no_sync for m in self.model]

@@ -2,7 +2,8 @@
 (4 routed experts + a shared expert, top-1 sigmoid routing, megatron-core's allgather dispatcher)
 trained at EP=2 follows the EP=1 run on the same data (both DP=2): loss, grad norm and valid loss
 per step, and every weight after the last step (dist_checkpointing reassembles the experts).
-Teacher-side EP (logits equal transformers') is in tests/interop/test_hf_parity.py.
+The paper's case, a dense student distilled from a frozen MoE teacher split over EP=2, follows
+EP=1 too. Teacher-side logits against transformers at EP=2: tests/interop/test_hf_parity.py.
 
 Both runs fine-tune from one checkpoint: megatron seeds expert initialisation per EP rank.
 """
@@ -36,9 +37,11 @@ def ep_runs(tiny_recipe, tmp_path_factory):
     return out
 
 
-def _expert_params(stdout: str) -> int:
+def _expert_params(stdout: str, which: str = "trains") -> int:
+    """Routed-expert parameters on rank 0 from the startup line: "trains" or "frozen teacher"."""
     line = next(l for l in stdout.splitlines() if l.startswith("layout: "))
-    return int(line.split("(")[-1].split(" in MoE experts")[0].replace(",", ""))
+    part = line.split(which, 1)[1]
+    return int(part.split("(", 1)[1].split(" in MoE experts")[0].replace(",", ""))
 
 
 def test_ep2_really_splits_the_experts(ep_runs):
@@ -88,3 +91,35 @@ def test_ep_layout_refused_before_start(tiny_recipe, tmp_path):
     assert p.returncode != 0
     assert "error: model.num_moe_experts=3 is not divisible by parallel.expert_model_parallel_size=2" in p.stderr
     assert not run.exists()
+
+
+TEACHER = ["teacher.num_layers=4", "teacher.hidden_size=64", "teacher.num_attention_heads=4",
+           "teacher.num_query_groups=2", "teacher.ffn_hidden_size=128", "teacher.make_vocab_size_divisible_by=128",
+           *[m.replace("model.", "teacher.") for m in MOE]]
+
+
+@pytest.fixture(scope="module")
+def kd_runs(ep_runs, tiny_recipe, tmp_path_factory):
+    """A dense student, KD (alpha 0.5, T 2) from the trained MoE student of ep_runs as teacher."""
+    root = tmp_path_factory.mktemp("ep_kd")
+    common = TEACHER + [f"teacher.load={ep_runs['ep1']}", "kd.alpha=0.5", "kd.temperature=2.0",
+                        f"train.train_iters={STEPS}"]
+    out = {}
+    for name, ep in (("kd_ep1", 1), ("kd_ep2", 2)):
+        out[name] = root / name
+        out[f"{name}_stdout"] = mr.train(tiny_recipe, out[name], 2,
+                                         common + [f"parallel.expert_model_parallel_size={ep}"]).stdout
+    return out
+
+
+@pytest.mark.parametrize("key", ["loss", "kd loss", "grad_norm"])
+def test_kd_from_moe_teacher_at_ep2_matches_ep1(kd_runs, key):
+    ref, got = dict(mr.metrics(kd_runs["kd_ep1"], "train", key)), dict(mr.metrics(kd_runs["kd_ep2"], "train", key))
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    if key == "kd loss":
+        assert min(ref.values()) > 1e-4  # the teacher is not the student: the KD term is not zero
+    for it in ref:
+        assert abs(got[it] - ref[it]) <= RTOL * abs(ref[it]), (key, it, got[it], ref[it])
+    one = _expert_params(kd_runs["kd_ep1_stdout"], "frozen teacher")
+    two = _expert_params(kd_runs["kd_ep2_stdout"], "frozen teacher")
+    assert one > 0 and two * 2 == one, (one, two)  # the teacher's experts really are split
