@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_kd.eval.demo_eval import RULER_TASK, evaluate_run  # run with PYTHONPATH=$PWD
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -131,20 +133,19 @@ def evaluate(runs: dict, L: int, T: int, samples: int) -> dict:
     return out
 
 
-RULER_TASK = "niah_single_1"
-EVAL_DIRS = {"original": "original", "CE only": "CE_only", "LongReD": "LongReD"}
+def _eval_dir(name: str) -> str:
+    return name.replace(" ", "_")
 
 
 def long_context(runs: dict, out: Path, L: int, T: int, samples: int, new_tokens: int):
-    """The project's evaluation (runner.py, as `megatron-kd eval`) on every model: NIAH (passkey
-    needle, 3 depths) at L and T, RULER niah_single_1 at T. Which cells fit is checked once with the
-    shared tokenizer before any model is loaded; a length that does not fit is left out, with why.
-    Returns ({model: {column: score 0-100}}, [columns], [skip reasons])."""
+    """The project's evaluation (demo_eval.evaluate_run: runner.py, as `megatron-kd eval`) on every
+    model: NIAH (passkey needle, 3 depths) at L and T, RULER niah_single_1 at T. Which cells fit is
+    checked once with the shared tokenizer before any model is loaded; a length that does not fit
+    is left out, with why. Returns ({model: {column: score 0-100}}, [columns], [skip reasons])."""
     from megatron_kd.config import ConfigError, load_config
     from megatron_kd.data import load_tokenizer
     from megatron_kd.eval import ruler
     from megatron_kd.eval.niah import NiahBuilder, depth_percents
-    from megatron_kd.eval.runner import EvalRequest, prepare, run_eval
 
     tok = load_tokenizer(load_config(str(Path(runs["original"]) / "config.yaml")).data.tokenizer_model)
     niah_lengths, skipped = [], []
@@ -163,15 +164,8 @@ def long_context(runs: dict, out: Path, L: int, T: int, samples: int, new_tokens
     cols = [("niah_passkey", n) for n in niah_lengths] + ([(f"ruler:{RULER_TASK}", T)] if ruler_fits else [])
     rows = {}
     for name, run in runs.items():
-        req = EvalRequest(checkpoint=Path(run), tasks=["niah_passkey"] if niah_lengths else [],
-                          lengths=niah_lengths or [T], samples=samples, depths=3, max_new_tokens=new_tokens,
-                          allow_longer=True, out_dir=out / "eval" / EVAL_DIRS.get(name, name.replace(" ", "_")),
-                          progress=False, train_doc_tokens=L if name == "original" else T)
-        prep = prepare(req)
-        if ruler_fits:
-            prep.samples += ruler.generate(RULER_TASK, prep.tokenizer, T, samples, max_new_tokens=new_tokens)
-            prep.tasks.append(f"ruler:{RULER_TASK}")
-        scores = run_eval(req, prep)["scores"]
+        scores = evaluate_run(run, out / "eval" / _eval_dir(name), niah_lengths, T if ruler_fits else None,
+                              samples, new_tokens, train_doc_tokens=L if name == "original" else T)
         rows[name] = {_col(t, n): scores.get(t, {}).get(str(n), float("nan")) for t, n in cols}
     return rows, [_col(t, n) for t, n in cols], skipped
 
@@ -228,7 +222,7 @@ def main(argv=None):
     (out / "result.json").write_text(json.dumps({
         "args": vars(args), "L": L, "T": T, "train_seconds": secs,
         "long_context_eval": {"columns": lc_cols, "left_out": skipped, "seconds": lc_secs,
-                              "dirs": {n: str(out / "eval" / d) for n, d in EVAL_DIRS.items()}},
+                              "dirs": {n: str(out / "eval" / _eval_dir(n)) for n in res}},
         "results": res}, indent=2))
 
 

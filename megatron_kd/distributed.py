@@ -117,7 +117,7 @@ def init_model_parallel(parallel_cfg, seed: int) -> None:
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel_cfg.context_parallel_size,
-        expert_model_parallel_size=getattr(parallel_cfg, "expert_model_parallel_size", 1),
+        expert_model_parallel_size=parallel_cfg.expert_model_parallel_size,
     )
     # Same data-parallel seed on every rank, distinct per TP rank for the TP region, distinct per
     # PP stage (Megatron-LM's _set_random_seed convention).

@@ -85,7 +85,7 @@ def _is_moe(m, i: int) -> bool:
 def params_per_rank(m, parallel, vocab_size: int, seq_length: int) -> List[int]:
     """Parameters held by each pipeline rank (equal over TP/CP/DP ranks), index = PP rank."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    ep = getattr(parallel, "expert_model_parallel_size", 1)
+    ep = parallel.expert_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     v = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
     h = m.hidden_size

@@ -44,7 +44,7 @@ class GenerationResult:
     stop: str  # "eos" | "stop_id" | "stop_text" | "max_tokens"
 
 
-def _pipeline():
+def pipeline_group():
     """(pipeline group, global rank of its last stage) when the model spans stages, else None."""
     from megatron.core import parallel_state as ps
 
@@ -102,7 +102,7 @@ def _next_tokens(model, tokens, positions, mask, context, vocab_size) -> torch.T
 
     kwargs = dict(position_ids=positions, attention_mask=mask, inference_context=context,
                   runtime_gather_output=True)
-    pp = _pipeline()
+    pp = pipeline_group()
     if pp is None:
         return argmax(model(tokens, **kwargs))
     nxt = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)

@@ -37,9 +37,9 @@ def loss_by_position(model, token_windows: List[List[int]], batch_size: int = 4)
     from megatron_kd import platform
     from megatron_kd.models.attention import attention_mask
 
-    from megatron_kd.eval.generate import _pipeline, pipeline_forward
+    from megatron_kd.eval.generate import pipeline_forward, pipeline_group
 
-    pp = _pipeline()
+    pp = pipeline_group()
     total = torch.zeros(len(token_windows[0]) - 1, dtype=torch.float32, device=platform.device())
     for i in range(0, len(token_windows), batch_size):
         chunk = torch.tensor(token_windows[i:i + batch_size], dtype=torch.long, device=platform.device())

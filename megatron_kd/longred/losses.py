@@ -98,15 +98,6 @@ def _kl_rows(p_teacher: Tensor, p_student: Tensor) -> Tensor:
     return (p_teacher * (torch.log(p_teacher + eps) - torch.log(p_student + eps))).sum(-1)
 
 
-def _doc_probs(q: Tensor, k: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """q ``[nq, np, d]``, k ``[nk, ng, d]``, allowed ``[nq, nk]`` -> probabilities ``[np, nq, nk]``."""
-    q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [np, nq, d], [ng, nk, d]
-    if k.shape[0] != q.shape[0]:
-        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # megatron's head grouping
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-
-
 def attention_kl_by_document(student_qk, teacher_qk, q_meta: Tensor, k_meta: Tensor,
                              softmax_scale: float):
     """(sum over batch, head and real query of KL(p_T || p_S), number of those rows).
@@ -129,9 +120,9 @@ def attention_kl_by_document(student_qk, teacher_qk, q_meta: Tensor, k_meta: Ten
                 continue
             qi = (q_doc == doc).nonzero(as_tuple=True)[0]
             kj = (k_doc == doc).nonzero(as_tuple=True)[0]
-            allowed = k_idx[kj].unsqueeze(0) <= q_idx[qi].unsqueeze(1)  # [nq, nk]
-            p_s = _doc_probs(qs[qi, b], ks[kj, b], allowed, softmax_scale)
-            p_t = _doc_probs(qt[qi, b], kt[kj, b], allowed, softmax_scale)
+            masked = (k_idx[kj].unsqueeze(0) > q_idx[qi].unsqueeze(1))[None, None]  # [1, 1, nq, nk]
+            p_s = attention_probs(qs[qi, b:b + 1], ks[kj, b:b + 1], masked, softmax_scale)
+            p_t = attention_probs(qt[qi, b:b + 1], kt[kj, b:b + 1], masked, softmax_scale)
             total += _kl_rows(p_t, p_s).sum().double()
-            rows += p_s.shape[0] * p_s.shape[1]
+            rows += p_s.shape[1] * p_s.shape[2]  # [1, np, nq, nk]
     return total, rows

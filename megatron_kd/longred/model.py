@@ -48,6 +48,12 @@ def context_parallel():
     return None, 0
 
 
+def cp_share() -> float:
+    """1 on CP rank 0, else 0: the count a per-micro-batch value carries, so the CP ranks' shares
+    of a window's mean are counted once (in the reports and in the count megatron divides by)."""
+    return 1.0 if context_parallel()[1] == 0 else 0.0
+
+
 def gather_over(group, t: torch.Tensor, dim: int) -> torch.Tensor:
     """All-gather ``t`` over ``group`` and concatenate along ``dim`` (rank order; no grad)."""
     parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
@@ -119,8 +125,8 @@ class LongReDModel(StudentTeacherPair):
                 stream: str = "long", teacher_position_ids=None, document_ids=None, token_index=None):
         """``document_ids`` / ``token_index`` ``[b, s]``: what each token is (data/cp_layout.py);
         without them every token is real and ``token_index`` is 0..s-1 (whole windows)."""
-        group, cp_rank = context_parallel()
-        self._share = 1.0 if cp_rank == 0 else 0.0
+        group, _ = context_parallel()
+        self._share = cp_share()
         if document_ids is None:
             document_ids = torch.zeros_like(input_ids)
         if stream == "long":

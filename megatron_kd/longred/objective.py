@@ -41,10 +41,9 @@ class LongReDObjective:
         return output, partial(self.loss_func, stream)
 
     def loss_func(self, stream, output):
-        from megatron_kd.longred.model import context_parallel
+        from megatron_kd.longred.model import cp_share
 
-        share = 1.0 if context_parallel()[1] == 0 else 0.0  # CP rank 0 counts the micro-batch
-        one = torch.full((), share, dtype=torch.float32, device=output.device)
+        one = torch.full((), cp_share(), dtype=torch.float32, device=output.device)
         lm = output.detach().float() if stream == "long" else torch.zeros_like(one)
         return output, one.to(torch.int), {
             "loss": torch.stack([output.detach().float(), one]),

@@ -9,26 +9,48 @@ spec runs TE's fused attention on THD (``cu_seqlens`` per document) with global 
 """
 from __future__ import annotations
 
+import copy
+
 from megatron_kd import platform
 
 
-def layer_spec(model_cfg, context_parallel_size: int = 1):
+def layer_spec(model_cfg, context_parallel_size: int = 1, **kwargs):
+    """This backend's GPT layer spec: megatron-core's TE or local spec (``kwargs``: options both
+    accept, e.g. the Llama-4 layers' ``num_experts`` / ``qk_l2_norm``) with the backend's core
+    attention (:func:`use_backend_core_attention`)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if platform.layer_spec_kind() == "te":
-        # TE fused attention on THD (cu_seqlens per document, global positions; CP via TE's
-        # p2p ring): models/te_thd.py. GPU path, not run in the session that wrote it.
-        from megatron_kd.models.te_thd import te_layer_spec_thd
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=model_cfg.qk_layernorm, **kwargs)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm, **kwargs)
+    return use_backend_core_attention(copy.deepcopy(spec), context_parallel_size)
 
-        return te_layer_spec_thd(qk_layernorm=model_cfg.qk_layernorm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization,
-                                                    qk_layernorm=model_cfg.qk_layernorm)
-    if context_parallel_size > 1:
-        # megatron-core's DotProductAttention refuses CP; the reference ring attention takes
-        # its place (same constructor/forward signature).
+
+def use_backend_core_attention(spec, context_parallel_size: int = 1):
+    """Put this backend's core attention into a megatron-core layer spec (every spec the project
+    builds goes through here, the Llama-4 per-layer specs included):
+
+    * TE: ``THDCoreAttention`` on THD with global positions (CP via TE's p2p ring), mask type
+      ``padding_causal`` (models/te_thd.py; GPU path, not yet run on a GPU);
+    * local spec at CP > 1: the reference ring attention (megatron-core's DotProductAttention
+      refuses CP; same constructor/forward signature);
+    * local spec at CP = 1: megatron-core's own, unchanged.
+    """
+    attn = spec.submodules.self_attention
+    if platform.layer_spec_kind() == "te":
+        from megatron.core.transformer.enums import AttnMaskType
+
+        from megatron_kd.models.te_thd import thd_core_attention_class
+
+        attn.params["attn_mask_type"] = AttnMaskType.padding_causal
+        attn.submodules.core_attention = thd_core_attention_class()
+    elif context_parallel_size > 1:
         from megatron_kd.models.ring_attention import RingAttention
 
-        spec.submodules.self_attention.submodules.core_attention = RingAttention
+        attn.submodules.core_attention = RingAttention
     return spec
 
 

@@ -46,8 +46,7 @@ def transformer_config(model_cfg, parallel_cfg, bf16: bool = False):
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel_cfg.context_parallel_size,
         # a dense model (the student of a MoE teacher) has no experts to split: megatron refuses EP
-        expert_model_parallel_size=(getattr(parallel_cfg, "expert_model_parallel_size", 1)
-                                    if model_cfg.num_moe_experts else 1),
+        expert_model_parallel_size=parallel_cfg.expert_model_parallel_size if model_cfg.num_moe_experts else 1,
         sequence_parallel=parallel_cfg.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -29,7 +29,6 @@ refused (TE's CP layout pads per document, not per chunk). Not yet run on a GPU.
 """
 from __future__ import annotations
 
-import copy
 import functools
 from typing import Optional
 
@@ -100,35 +99,16 @@ def _position_aware(base):
 
 
 def _layer_spec(model_cfg, i: int, context_parallel_size: int = 1):
-    from megatron.core.models.gpt import gpt_layer_specs
-    from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from megatron_kd import platform
+    from megatron_kd.models.attention import layer_spec
 
     m = model_cfg
     nope = is_nope_layer(m, i)
     experts = m.num_moe_experts if is_moe_layer(m, i) else None
-    l2 = m.qk_l2_norm and not nope
-    if platform.layer_spec_kind() == "te":
-        # the same THD core attention as models/te_thd.py: on the TE spec every batch carries
-        # cu_seqlens in the attention_mask argument (data/cp_layout.layout_batches)
-        from megatron_kd.models.te_thd import thd_core_attention_class
-
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=m.qk_layernorm, qk_l2_norm=l2)
-        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding_causal
-        spec.submodules.self_attention.submodules.core_attention = thd_core_attention_class()
-    else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(
-            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=m.qk_layernorm,
-            normalization=m.normalization, qk_l2_norm=l2)
-    spec = copy.deepcopy(spec)
+    spec = layer_spec(m, context_parallel_size, num_experts=experts, moe_grouped_gemm=False,
+                      qk_l2_norm=m.qk_l2_norm and not nope)
     attn = spec.submodules.self_attention.submodules
-    if context_parallel_size > 1 and platform.layer_spec_kind() != "te":
-        from megatron_kd.models.ring_attention import RingAttention
-
-        attn.core_attention = RingAttention  # as models/attention.layer_spec does
     temperature = ((m.attn_temperature_floor_scale, m.attn_temperature_scale)
                    if m.attn_temperature_tuning and nope else None)
     chunk = m.attention_chunk_size if not nope else None

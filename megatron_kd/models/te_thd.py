@@ -90,17 +90,6 @@ def thd_core_attention_class():
     return THDCoreAttention
 
 
-def te_layer_spec_thd(qk_layernorm: bool = False):
-    """megatron-core's TE GPT layer spec with the THD core attention."""
-    from megatron.core.models.gpt import gpt_layer_specs
-    from megatron.core.transformer.enums import AttnMaskType
-
-    spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding_causal
-    spec.submodules.self_attention.submodules.core_attention = thd_core_attention_class()
-    return spec
-
-
 def check_layout_indices_match_te(document_ids: torch.Tensor, cp_size: int, cap: int) -> bool:
     """GPU check: our per-rank token order equals TE's ``thd_get_partitioned_indices``."""
     import transformer_engine_torch as tex

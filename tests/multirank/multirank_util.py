@@ -125,6 +125,18 @@ def curve(run_dir: Path, split: str = "train") -> dict[int, float]:
     return out
 
 
+def checkpoint_weights(run_dir: Path, iteration: int, tmp: Path) -> dict:
+    """The model tensors of a run's dist checkpoint, gathered into one dict (any layout; the
+    optimizer's state, plain or EP's "chained_N.optimizer...", left out)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = Path(tmp) / f"{Path(run_dir).name}_{iteration}.pt"
+    dcp_to_torch_save(str(Path(run_dir) / "checkpoints" / f"iter_{iteration:07d}"), str(out))
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and "optimizer" not in k}
+
+
 def snapshot(root: Path) -> dict:
     """path -> (size, mtime_ns, bytes) of every file under root (to prove nothing changed)."""
     snap = {}

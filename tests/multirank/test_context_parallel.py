@@ -102,20 +102,10 @@ def test_cp_curves_match_cp1(cp_runs, name, ref, key):
     assert train[STEPS] < train[1] - 0.01  # the weights move
 
 
-def _weights(run_dir: Path, tmp: Path) -> dict:
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{run_dir.name}.pt"
-    dcp_to_torch_save(str(run_dir / "checkpoints" / f"iter_{STEPS:07d}"), str(out))
-    state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("optimizer")}
-
-
 @pytest.mark.parametrize("name, ref", [("cp2", "cp1"), ("cp2_tp2", "cp1"), ("cp2_pp2", "cp1"),
                                        ("cp2_distopt", "cp1"), ("kd_cp2", "kd_cp1")])
 def test_cp_weights_after_training_match_cp1(cp_runs, name, ref, tmp_path):
-    a, b = _weights(cp_runs[name], tmp_path), _weights(cp_runs[ref], tmp_path)
+    a, b = mr.checkpoint_weights(cp_runs[name], STEPS, tmp_path), mr.checkpoint_weights(cp_runs[ref], STEPS, tmp_path)
     assert sorted(a) == sorted(b) and len(a) >= 8
     for k in a:
         assert a[k].shape == b[k].shape, k

@@ -9,9 +9,6 @@ Both runs fine-tune from one checkpoint: megatron seeds expert initialisation pe
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 import multirank_util as mr
@@ -61,17 +58,7 @@ def test_ep2_curve_matches_ep1(ep_runs, split, key):
 
 
 def test_ep2_weights_match_ep1(ep_runs, tmp_path):
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    def weights(run):
-        dst = tmp_path / f"{run.name}.pt"
-        dcp_to_torch_save(str(run / "checkpoints" / f"iter_{STEPS:07d}"), str(dst))
-        state = torch.load(dst, weights_only=False)
-        # EP chains a dense and an expert optimizer ("chained_N.optimizer..."): model tensors only
-        return {k: v for k, v in state.items() if torch.is_tensor(v) and "optimizer" not in k}
-
-    a, b = weights(ep_runs["ep2"]), weights(ep_runs["ep1"])
+    a, b = (mr.checkpoint_weights(ep_runs[n], STEPS, tmp_path) for n in ("ep2", "ep1"))
     assert sorted(a) == sorted(b)
     # the routed experts, stacked [layers, experts, out, in] (both EP ranks' halves reassembled)
     experts = [k for k in a if "experts" in k and "shared" not in k]
