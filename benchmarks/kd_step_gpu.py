@@ -54,9 +54,10 @@ SMOKE_STUDENT = ["model.num_layers=2", "model.hidden_size=64", "model.num_attent
 
 def overrides(args, mode: str) -> list:
     kd, fp8, recipe = MODES[mode]
-    # one GPU: the recipe's CP=8 / distributed optimizer layout does not apply
+    # one GPU: the recipe's CP=8 / distributed optimizer / DP overlap layout does not apply
     o = [f"data.seq_length={args.seq}", "train.micro_batch_size=1", "train.global_batch_size=1",
          "parallel.context_parallel_size=1", "parallel.use_distributed_optimizer=false",
+         "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
          "train.bf16=true", "model.recompute_granularity=full", "model.recompute_method=uniform",
          "model.recompute_num_layers=1", "kd.loss_impl=fused", f"kd.alpha={1.0 if kd else 0.0}",
          f"teacher.num_layers={args.teacher_layers}", f"teacher.hidden_size={args.teacher_hidden}",

@@ -190,6 +190,12 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Megatron-LM's --overlap-grad-reduce / --overlap-param-gather / --ddp-bucket-size: gradient
+    # reduce-scatter (all-reduce) per bucket during backward, parameter all-gather per bucket in
+    # the next forward (distributed optimizer only); bucket size in elements (None = megatron's)
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: Optional[int] = None
     # context parallelism (data/cp_layout.py): token slots per window for per-document padding
     # to multiples of 2 x CP (None = seq_length / 16); Megatron-LM's --cp-comm-type
     context_parallel_padding: Optional[int] = None
@@ -209,6 +215,13 @@ class ParallelConfig:
         if self.context_parallel_padding is not None and self.context_parallel_padding < 0:
             raise ConfigError("parallel.context_parallel_padding: expected >= 0 (token slots per "
                               f"window for per-document CP padding), got {self.context_parallel_padding}")
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise ConfigError("parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true "
+                              "and parallel.overlap_grad_reduce=true (Megatron-LM's rule: the all-gather "
+                              "of updated parameter shards exists only with the distributed optimizer)")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(f"parallel.ddp_bucket_size: expected a positive number of elements or null, "
+                              f"got {self.ddp_bucket_size}")
         if self.cp_comm_type != "p2p":
             raise ConfigError(f"parallel.cp_comm_type: expected 'p2p' (the ring; the one TE supports "
                               f"with THD in every 2.x), got {self.cp_comm_type!r}")

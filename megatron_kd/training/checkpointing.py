@@ -14,6 +14,7 @@ RNG states are per rank and only restored when the layout is unchanged (bit-for-
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -80,6 +81,50 @@ def _optimizer_metadata(optimizer) -> dict:
     return {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _optimizer_sharded_state_dict(optimizer, state: dict, is_loading: bool):
+    with _world_tensors_keep_bucket_padding(optimizer):
+        return optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                            metadata=_optimizer_metadata(optimizer))
+
+
+@contextlib.contextmanager
+def _world_tensors_keep_bucket_padding(optimizer):
+    """megatron-core 0.16.1 defect, on any device: the distributed optimizer's
+    'fully_reshardable' state slices its gathered buffer-wide tensors with each parameter's index
+    in the *padded* gradient buffer, but ``get_parameter_state_dp_zero`` concatenates the
+    buckets *without* the padding between them. With one bucket (megatron's default without
+    ``overlap_grad_reduce``) nothing shifts; with several (overlap, ``ddp_bucket_size``) every
+    parameter after the first bucket saved another parameter's Adam moments and main weights
+    (tests/multirank/test_layouts.py: a resumed run's loss jumped from 5.96 to 6.23). Here the
+    gathered tensors are put back at the buckets' offsets for the duration of the call."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+               if isinstance(o, DistributedOptimizer)]
+    for opt in patched:
+        def padded(*args, _opt=opt, _gather=opt.get_parameter_state_dp_zero, **kwargs):
+            state = _gather(*args, **kwargs)
+            for gbuf_idx in range(len(_opt.gbuf_ranges) if state is not None else 0):
+                buffer = _opt.buffers[gbuf_idx]
+                for world in state[gbuf_idx].values():
+                    for key in [k for k, v in world.items() if torch.is_tensor(v)]:
+                        flat, out, at = world[key], torch.zeros(buffer.numel, dtype=world[key].dtype), 0
+                        for bucket in buffer.buckets:
+                            n = bucket.numel_unpadded
+                            out[bucket.offset:bucket.offset + n] = flat[at:at + n]
+                            at += n
+                        assert at == flat.numel(), (at, flat.numel())
+                        world[key] = out
+            return state
+
+        opt.get_parameter_state_dp_zero = padded  # this instance only, for this call
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt.get_parameter_state_dp_zero
+
+
 def _rng_sharded(data=None):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -115,7 +160,7 @@ def save_checkpoint(root, iteration: int, model_chunks, optimizer, scheduler,
 
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:  # None: weights only (an imported HF checkpoint, interop/convert.py)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer))
+        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, state, is_loading=False)
     state["rng_state"] = _rng_sharded(platform.rng_states())
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
@@ -172,8 +217,7 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng
     same_layout = common.get("layout") == _layout()
     if optimizer is not None:
         _init_empty_distributed_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=_optimizer_metadata(optimizer))
+        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, state, is_loading=True)
     restore_rng = load_rng and same_layout
     if restore_rng:
         state["rng_state"] = _rng_sharded()

@@ -20,7 +20,8 @@ from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
 from megatron_kd.training.metrics import MetricsLogger
 from megatron_kd.training.objective import CrossEntropyObjective
-from megatron_kd.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from megatron_kd.training.optimizer import (build_optimizer, build_scheduler, params_gathered,
+                                             set_sync_funcs, wrap_ddp)
 from megatron_kd.training.preemption import StopOnSignal
 from megatron_kd.training.run_dir import create_run_dir, prepare_run_dir
 
@@ -163,11 +164,13 @@ class Trainer:
         self._print(f"layout: TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} x CP "
                     f"{p.context_parallel_size} x DP {self.dp_size} (EP {p.expert_model_parallel_size}); "
                     f"rank 0 trains {count(True)}; frozen teacher {count(False)}")
+        buckets = sum(len(b.buckets) for m in self.model for b in m.buffers + m.expert_parallel_buffers)
+        overlap = [name for name, on in (("grad reduce", p.overlap_grad_reduce),
+                                         ("param gather", p.overlap_param_gather)) if on]
+        self._print(f"DDP: {buckets} gradient buckets; overlapped: {', '.join(overlap) or 'none'}")
         config.finalize_model_grads_func = finalize_model_grads
         config.batch_p2p_comm = platform.batch_p2p_comm()
-        config.no_sync_func = [m.no_sync for m in self.model]
-        if len(self.model) == 1:
-            config.no_sync_func = config.no_sync_func[0]
+        set_sync_funcs(config, self.model, cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.parallel)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.objective = self.objective_factory(cfg, self.device)
@@ -258,15 +261,17 @@ class Trainer:
             chunk.eval()
         it = self._iterators(self.valid_ds, 0)
         losses = []
-        for _ in range(self.cfg.train.eval_iters):
-            losses += self._forward_backward(it, forward_only=True)
+        with params_gathered(self.model):
+            for _ in range(self.cfg.train.eval_iters):
+                losses += self._forward_backward(it, forward_only=True)
         for chunk in self.model:
             chunk.train()
         return reduce_losses(losses)
 
     def save(self):
-        checkpointing.save_checkpoint(self.run_dir / "checkpoints", self.state.iteration, self.model,
-                                      self.optimizer, self.scheduler, self.state.consumed_samples)
+        with params_gathered(self.model):
+            checkpointing.save_checkpoint(self.run_dir / "checkpoints", self.state.iteration, self.model,
+                                          self.optimizer, self.scheduler, self.state.consumed_samples)
         self._print(f"saved checkpoint at iteration {self.state.iteration}")
 
     def train(self) -> TrainState:

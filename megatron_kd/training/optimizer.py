@@ -1,18 +1,27 @@
 """megatron-core DDP, optimizer (Adam, optionally distributed) and warmup+decay scheduler."""
 from __future__ import annotations
 
+import contextlib
 from typing import List
 
 import torch
 
 
 def wrap_ddp(model_chunks: List[torch.nn.Module], parallel_cfg) -> list:
+    """megatron-core DDP over every chunk; with overlap, set the schedule's hooks with
+    :func:`set_sync_funcs` after this (the Trainer does)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    p = parallel_cfg
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        # all-gathers of all pipeline stages dispatched together by the interleaved schedule
+        # (param_sync_func); without virtual stages the forward pre-hooks dispatch them
+        align_param_gather=p.overlap_param_gather and p.virtual_pipeline_model_parallel_size is not None,
+        bucket_size=p.ddp_bucket_size,
+        use_distributed_optimizer=p.use_distributed_optimizer,
         # Per-token loss: grads are summed over DP and divided once by the global token count.
         average_in_collective=False,
     )
@@ -24,6 +33,41 @@ def wrap_ddp(model_chunks: List[torch.nn.Module], parallel_cfg) -> list:
             disable_bucketing=i > 0,
         ))
     return wrapped
+
+
+def set_sync_funcs(config, model: list, parallel_cfg) -> None:
+    """What megatron's schedules call to pause and start gradient / parameter communication
+    (as Megatron-LM's training sets them): no_sync over all micro-batches but the last; with
+    overlap, grad reduction started per chunk when its last backward ends (later pipeline
+    stages reduce in the bubble), and with virtual stages all chunks' parameter all-gathers
+    dispatched by the schedule (``align_param_gather``)."""
+    def per_chunk(name):
+        fns = [getattr(m, name) for m in model]
+        return fns[0] if len(fns) == 1 else fns
+
+    config.no_sync_func = per_chunk("no_sync")
+    if parallel_cfg.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if model[0].ddp_config.align_param_gather:
+        config.param_sync_func = per_chunk("start_param_sync")
+
+
+@contextlib.contextmanager
+def params_gathered(model: list):
+    """Parameters complete on every rank for the duration (evaluation, checkpoints).
+
+    With ``overlap_param_gather`` the distributed optimizer's step leaves the all-gather of the
+    updated shards to the next forward's pre-hooks, so between steps each rank's parameters
+    are fresh only in its own shard. Megatron-LM's disable/enable_forward_pre_hook: gather
+    synchronously, run without hooks, hook again."""
+    hooked = [m for m in model if m.use_forward_hook and m.remove_forward_pre_hook_handles]
+    for m in hooked:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m.enable_forward_pre_hook()
 
 
 def build_optimizer(model_chunks, train_cfg, parallel_cfg):

@@ -23,6 +23,10 @@ STEPS = 4
 INIT_STEPS = 3
 GBS = 8
 
+BUCKET = 4000  # elements per DDP bucket in the overlap layouts
+OVERLAP_ALL = ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+               "parallel.overlap_param_gather=true", f"parallel.ddp_bucket_size={BUCKET}"]
+
 # name -> (processes, overrides)
 LAYOUTS = {
     "tp1": (1, []),
@@ -33,6 +37,12 @@ LAYOUTS = {
     "dp2_distopt": (2, ["parallel.use_distributed_optimizer=true", "checkpoint.save_interval=2"]),
     "pp2_vp2": (2, ["parallel.pipeline_model_parallel_size=2",
                     "parallel.virtual_pipeline_model_parallel_size=2"]),
+    # communication overlapped with compute, in small buckets (the tiny model would fit one)
+    "dp2_overlap": (2, ["parallel.overlap_grad_reduce=true", f"parallel.ddp_bucket_size={BUCKET}"]),
+    "dp2_distopt_overlap": (2, [*OVERLAP_ALL, "checkpoint.save_interval=2"]),
+    # 1F1B with virtual stages: the schedule's grad_sync_func / param_sync_func paths
+    "pp2_vp2_dp2_overlap": (4, ["parallel.pipeline_model_parallel_size=2",
+                                "parallel.virtual_pipeline_model_parallel_size=2", *OVERLAP_ALL]),
 }
 
 # fp32 on the CPU (2-core box, torch 2.13). Measured max relative difference to the TP=1 run
@@ -47,7 +57,7 @@ RTOL = 1e-5
 @pytest.fixture(scope="module")
 def runs(tiny_recipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    out = {}
+    out = {"stdout": {}}
     out["init"] = root / "init"
     mr.train(tiny_recipe, out["init"], 1, [f"train.train_iters={INIT_STEPS}"])
     for name, (nproc, overrides) in LAYOUTS.items():
@@ -56,6 +66,7 @@ def runs(tiny_recipe, tmp_path_factory):
                      [f"checkpoint.load={out['init']}", "checkpoint.finetune=true",
                       f"train.train_iters={STEPS}", *overrides])
         assert "loaded weights from" in p.stdout, mr.tail(p.stdout)
+        out["stdout"][name] = p.stdout
     # the reverse direction: a TP=2 checkpoint loaded at TP=1
     out["tp2_to_tp1"] = root / "tp2_to_tp1"
     mr.train(tiny_recipe, out["tp2_to_tp1"], 1,
@@ -69,6 +80,9 @@ def rel(a: float, b: float) -> float:
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "tp1"])
 def test_loss_curve_matches_single_rank(runs, name):
+    """Also for the overlap layouts: the valid loss after each step is only right if the
+    parameters are all-gathered before evaluating (the optimizer step leaves that to the next
+    forward's hooks), and the checkpoints only if they are gathered before saving."""
     ref = mr.curve(runs["tp1"])
     got = mr.curve(runs[name])
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
@@ -84,6 +98,34 @@ def test_loss_curve_matches_single_rank(runs, name):
     assert max(gdiffs.values()) < RTOL, f"{name}: relative grad-norm diffs {gdiffs}"
     # the curve moves (the comparison is not between constants)
     assert ref[STEPS] < ref[1] - 0.05
+
+
+@pytest.mark.parametrize("name,overlapped", [("dp2", "none"), ("dp2_overlap", "grad reduce"),
+                                              ("dp2_distopt_overlap", "grad reduce, param gather"),
+                                              ("pp2_vp2_dp2_overlap", "grad reduce, param gather")])
+def test_overlap_layouts_really_bucket_and_overlap(runs, name, overlapped):
+    import re
+
+    m = re.search(r"DDP: (\d+) gradient buckets; overlapped: (.*)", runs["stdout"][name])
+    assert m, mr.tail(runs["stdout"][name])
+    buckets = int(m.group(1))
+    assert m.group(2).strip() == overlapped
+    # 181k parameters: one default bucket, dozens of 4,000-element ones (rank 0's; with virtual
+    # stages rank 0 holds a quarter of the layers, and megatron buckets only its first chunk)
+    assert (buckets > 5) if name != "dp2" else (buckets == 1), buckets
+
+
+def test_overlap_checkpoint_equals_synchronous_one(runs, tmp_path):
+    """The distributed optimizer's weights after 4 steps, saved with overlapped reduce-scatter
+    and all-gather (gathered before saving) vs saved without overlap."""
+    a = mr.checkpoint_weights(runs["dp2_distopt_overlap"], STEPS, tmp_path)
+    b = mr.checkpoint_weights(runs["dp2_distopt"], STEPS, tmp_path)
+    assert sorted(a) == sorted(b) and len(a) >= 5  # layers stacked: one tensor per kind
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+    # the weights moved: the comparison is not between two copies of the loaded checkpoint
+    init = mr.checkpoint_weights(runs["init"], INIT_STEPS, tmp_path)
+    assert max((a[k].float() - init[k].float()).abs().max().item() for k in a) > 1e-3
 
 
 def test_finetune_resets_iteration_scheduler_and_optimizer(runs):
@@ -134,16 +176,19 @@ def test_tp2_checkpoint_reloads_at_tp1(runs):
     assert math.isfinite(got)
 
 
-def test_distributed_optimizer_full_load_is_bit_for_bit(runs, tiny_recipe, tmp_path):
+@pytest.mark.parametrize("name,overrides", [("dp2_distopt", ["parallel.use_distributed_optimizer=true"]),
+                                            ("dp2_distopt_overlap", OVERLAP_ALL)])
+def test_distributed_optimizer_full_load_is_bit_for_bit(runs, tiny_recipe, tmp_path, name, overrides):
     """DP=2 with the distributed optimizer: a full load (not finetune) of the iteration-2
     checkpoint continues the run exactly (model, sharded Adam state incl. step, scheduler, data
     position). Found two megatron-core 0.16 bugs on the torch-Adam (no Apex/TE) path; see
-    platform._patch_optimizer_type_checks and checkpointing._init_empty_distributed_optimizer_state."""
-    src = runs["dp2_distopt"]
+    platform._patch_optimizer_type_checks and checkpointing._init_empty_distributed_optimizer_state.
+    With overlap: the checkpoint was saved between a step and the all-gather it deferred."""
+    src = runs[name]
     cont = tmp_path / "cont"
     p = mr.train(tiny_recipe, cont, 2,
                  [f"checkpoint.load={src / 'checkpoints' / 'iter_0000002'}", f"train.train_iters={STEPS}",
-                  "parallel.use_distributed_optimizer=true"])
+                  *overrides])
     assert "loaded checkpoint from" in p.stdout, mr.tail(p.stdout)
     for split in ("train", "valid"):
         ref, got = mr.curve(src, split), mr.curve(cont, split)

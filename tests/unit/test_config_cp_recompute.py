@@ -67,3 +67,16 @@ def test_fp8_keys():
     validate_layout(cfg, 1)
     with pytest.raises(ConfigError, match="transformer-engine"):
         transformer_config(cfg.model, cfg.parallel, bf16=True)
+
+
+def test_communication_overlap_keys_follow_megatron_rules():
+    cfg = load_config(None, ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+                             "parallel.overlap_param_gather=true", "parallel.ddp_bucket_size=1000000"])
+    assert cfg.parallel.overlap_param_gather and cfg.parallel.ddp_bucket_size == 1_000_000
+    for bad in (["parallel.overlap_param_gather=true", "parallel.overlap_grad_reduce=true"],
+                ["parallel.overlap_param_gather=true", "parallel.use_distributed_optimizer=true"]):
+        with pytest.raises(ConfigError, match="parallel.overlap_param_gather=true needs "
+                                              "parallel.use_distributed_optimizer=true"):
+            load_config(None, bad)
+    with pytest.raises(ConfigError, match="parallel.ddp_bucket_size: expected a positive"):
+        load_config(None, ["parallel.ddp_bucket_size=0"])
