@@ -689,6 +689,11 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
             f"data.seq_length={d.seq_length} is not divisible by "
             f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} (sequence_parallel)"
         )
+    if m.num_moe_experts and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        # megatron-core's MoE layer raises this in the first training forward; say it up front
+        raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} with parallel.tensor_model_parallel_size="
+                          f"{p.tensor_model_parallel_size} needs parallel.sequence_parallel=true "
+                          "(megatron-core trains MoE layers under TP only with sequence parallelism)")
     cp_chunks = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
     if d.seq_length % cp_chunks:
         raise ConfigError(

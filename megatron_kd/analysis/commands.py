@@ -22,7 +22,8 @@ def _parallel(args):
     from megatron_kd.config import ParallelConfig
 
     return ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                          pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+                          pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                          sequence_parallel=args.sequence_parallel)
 
 
 def _check_world(parallel_cfg, world: int):
@@ -132,6 +133,8 @@ def add_parser(sub) -> None:
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.add_argument("--tensor-model-parallel-size", type=int, default=1)
         p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+        p.add_argument("--sequence-parallel", action="store_true",
+                       help="with TP > 1: norms and residuals on [s/TP] slices (rows gathered for recording)")
 
     p = tools.add_parser("perturbation", help="repeated-block probe: query distances, cosines, top-10, "
                                               "KL audit, both masks (Figures 7-10)")

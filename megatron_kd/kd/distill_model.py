@@ -60,6 +60,15 @@ class DistillationModel(StudentTeacherPair):
         hs = self.student.forward_hidden(input_ids, position_ids, attention_mask, **kwargs)  # [s, b, h_S]
         with torch.no_grad():
             ht = self.teacher.forward_hidden(input_ids, position_ids, attention_mask, **kwargs)  # [s, b, h_T]
+        if self.student.config.sequence_parallel:
+            # [s/TP, b, h] slices -> the whole sequence on every TP rank (what the output layer
+            # would gather). Backward keeps this rank's slice of the gradient: the fused loss
+            # already sums its vocab shards' contributions over TP.
+            hs = tensor_parallel.gather_from_sequence_parallel_region(
+                hs, tensor_parallel_output_grad=False, group=self.tp_group)
+            with torch.no_grad():
+                ht = tensor_parallel.gather_from_sequence_parallel_region(
+                    ht, tensor_parallel_output_grad=False, group=self.tp_group)
         k = self.kd_cfg
         # tokens in [s, b] order, like the hidden states
         loss_sum, count = fused_linear_kd_loss(

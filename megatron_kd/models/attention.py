@@ -24,8 +24,10 @@ def layer_spec(model_cfg, context_parallel_size: int = 1, **kwargs):
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=model_cfg.qk_layernorm, **kwargs)
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(
-            normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm, **kwargs)
+        from megatron_kd.models.norms import use_local_norms
+
+        spec = use_local_norms(copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(
+            normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm, **kwargs)))
     return use_backend_core_attention(copy.deepcopy(spec), context_parallel_size)
 
 

@@ -139,6 +139,15 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
                               "need their own padding); use CP = 1 or the local spec")
         model_cls = llama4.Llama4GPTModel
         spec = llama4.decoder_block_spec(model_cfg, config, vp_stage, parallel_cfg.context_parallel_size)
+    elif platform.layer_spec_kind() != "te":
+        # the block's final norm too (megatron would pick WrappedTorchNorm; models/norms.py)
+        from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                                 get_num_layers_to_build)
+
+        from megatron_kd.models.norms import LocalNorm
+
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                          layer_norm=LocalNorm)
     model = model_cls(
         config=config,
         transformer_layer_spec=spec,

@@ -69,11 +69,12 @@ def runs(tmp_path_factory):
 
 
 @functools.lru_cache(maxsize=None)
-def _perturbation(run: str, tp: int = 1, pp: int = 1, settings: str = "") -> Path:
-    out = Path(run).parent / f"pert_tp{tp}_pp{pp}"
+def _perturbation(run: str, tp: int = 1, pp: int = 1, settings: str = "", sp: bool = False) -> Path:
+    out = Path(run).parent / f"pert_tp{tp}_pp{pp}{'_sp' if sp else ''}"
     args = ["analyze", "perturbation", "--checkpoint", run, "--block-tokens", str(BLOCK),
             "--repeats", str(REPEATS), "--out", str(out), "--tensor-model-parallel-size", str(tp),
-            "--pipeline-model-parallel-size", str(pp)] + (["--settings", settings] if settings else [])
+            "--pipeline-model-parallel-size", str(pp)] + (["--settings", settings] if settings else []) + (
+                ["--sequence-parallel"] if sp else [])
     _run(args, nproc=tp * pp)
     return out
 
@@ -125,11 +126,12 @@ def test_audit_sees_llama4_position_signal(runs):
     assert doc["reset_position_ids"]["output"]["max_abs_logit_diff"] == [0.0] * REPEATS
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_parallel_capture_equals_single_rank(runs, tp, pp):
-    """TP: heads and vocab gathered over the TP group; PP: each stage's layers merged on rank 0."""
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 1, True)])
+def test_parallel_capture_equals_single_rank(runs, tp, pp, sp):
+    """TP: heads and vocab gathered over the TP group; PP: each stage's layers merged on rank 0;
+    SP: sequence-sharded rows (embeddings, layer outputs, final hidden) from the rank that owns them."""
     ref = np.load(_perturbation(str(runs["run_a"])) / "run_a_capture_causal.npz")
-    par = np.load(_perturbation(str(runs["run_a"]), tp, pp, "fp32_angles") / "run_a_capture_causal.npz")
+    par = np.load(_perturbation(str(runs["run_a"]), tp, pp, "fp32_angles", sp) / "run_a_capture_causal.npz")
     assert sorted(ref.files) == sorted(par.files)
     for key in ref.files:
         assert ref[key].shape == par[key].shape, key

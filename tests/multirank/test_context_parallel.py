@@ -65,8 +65,9 @@ def cp_runs(tiny_recipe, tmp_path_factory):
     for name, nproc, extra in (
             ("cp1", 1, []),
             ("cp2", 2, ["parallel.context_parallel_size=2", *PAD]),
-            ("cp2_tp2", 4, ["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=2",
-                            *PAD, *RECOMPUTE]),
+            ("cp2_tp2_sp", 4, ["parallel.context_parallel_size=2", "parallel.tensor_model_parallel_size=2",
+                               "parallel.sequence_parallel=true",
+                               *PAD, *RECOMPUTE]),
             ("cp2_pp2", 4, ["parallel.context_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
                             *PAD]),
             ("cp2_distopt", 2, ["parallel.context_parallel_size=2", "parallel.use_distributed_optimizer=true",
@@ -88,7 +89,7 @@ def _close(ref: dict, got: dict, what: str):
         f"{what}: absolute diffs per iteration {diffs}, values {ref}"
 
 
-@pytest.mark.parametrize("name, ref, key", [("cp2", "cp1", "lm loss"), ("cp2_tp2", "cp1", "lm loss"),
+@pytest.mark.parametrize("name, ref, key", [("cp2", "cp1", "lm loss"), ("cp2_tp2_sp", "cp1", "lm loss"),
                                             ("cp2_pp2", "cp1", "lm loss"), ("cp2_distopt", "cp1", "lm loss"),
                                             ("kd_cp2", "kd_cp1", "loss"), ("kd_cp2", "kd_cp1", "kd loss"),
                                             ("kd_cp2", "kd_cp1", "lm loss")])
@@ -102,7 +103,7 @@ def test_cp_curves_match_cp1(cp_runs, name, ref, key):
     assert train[STEPS] < train[1] - 0.01  # the weights move
 
 
-@pytest.mark.parametrize("name, ref", [("cp2", "cp1"), ("cp2_tp2", "cp1"), ("cp2_pp2", "cp1"),
+@pytest.mark.parametrize("name, ref", [("cp2", "cp1"), ("cp2_tp2_sp", "cp1"), ("cp2_pp2", "cp1"),
                                        ("cp2_distopt", "cp1"), ("kd_cp2", "kd_cp1")])
 def test_cp_weights_after_training_match_cp1(cp_runs, name, ref, tmp_path):
     a, b = mr.checkpoint_weights(cp_runs[name], STEPS, tmp_path), mr.checkpoint_weights(cp_runs[ref], STEPS, tmp_path)

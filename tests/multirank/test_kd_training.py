@@ -47,7 +47,13 @@ def kd_runs(tiny_recipe, tmp_path_factory):
                                                "parallel.virtual_pipeline_model_parallel_size=2"]),
                                # the chunked fused loss (kd/fused.py) in the training path
                                ("tp2_fused", 2, ["parallel.tensor_model_parallel_size=2",
-                                                 "kd.loss_impl=fused", "kd.fused_chunk_size=37"])):
+                                                 "kd.loss_impl=fused", "kd.fused_chunk_size=37"]),
+                               # sequence parallel: the fused loss gathers the [s/TP] hidden states
+                               ("tp2_sp", 2, ["parallel.tensor_model_parallel_size=2",
+                                              "parallel.sequence_parallel=true"]),
+                               ("tp2_sp_fused", 2, ["parallel.tensor_model_parallel_size=2",
+                                                    "parallel.sequence_parallel=true",
+                                                    "kd.loss_impl=fused", "kd.fused_chunk_size=37"])):
         out[name] = root / name
         mr.train(tiny_recipe, out[name], nproc, common + extra)
     out["ce"] = root / "ce"
@@ -58,7 +64,7 @@ def kd_runs(tiny_recipe, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, key", [(n, k) for n in ("tp2", "pp2", "dp2", "pp2_vp2") for k in ("loss", "kd loss", "lm loss")]
-                         + [("tp2_fused", "loss")])
+                         + [(n, "loss") for n in ("tp2_fused", "tp2_sp", "tp2_sp_fused")])
 def test_kd_curve_matches_single_rank(kd_runs, name, key):
     ref = dict(mr.metrics(kd_runs["tp1"], "train", key))
     got = dict(mr.metrics(kd_runs[name], "train", key))

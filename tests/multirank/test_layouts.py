@@ -31,6 +31,8 @@ OVERLAP_ALL = ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad
 LAYOUTS = {
     "tp1": (1, []),
     "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
+    # sequence parallel: norms and dropout on [s/TP] slices, norm grads summed over TP
+    "tp2_sp": (2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
     "dp2": (2, []),
     # also saves at iteration 2 for test_distributed_optimizer_full_load_is_bit_for_bit

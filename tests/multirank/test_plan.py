@@ -32,7 +32,8 @@ LAYOUTS = {
     "moe_ep2": MODEL + ["model.num_moe_experts=4", "model.moe_layer_freq=2", "model.moe_ffn_hidden_size=48",
                         "model.moe_shared_expert_intermediate_size=32", "parallel.expert_model_parallel_size=2"],
     "moe_tp2": MODEL + ["model.num_moe_experts=4", "model.moe_layer_freq=2", "model.moe_ffn_hidden_size=48",
-                        "model.moe_shared_expert_intermediate_size=32", "parallel.tensor_model_parallel_size=2"],
+                        "model.moe_shared_expert_intermediate_size=32", "parallel.tensor_model_parallel_size=2",
+                        "parallel.sequence_parallel=true"],
     "qk_norm_qkv_bias_pp2": MODEL + ["model.qk_layernorm=true", "model.add_qkv_bias=true",
                                      "parallel.pipeline_model_parallel_size=2"],
 }

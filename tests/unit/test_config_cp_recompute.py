@@ -80,3 +80,11 @@ def test_communication_overlap_keys_follow_megatron_rules():
             load_config(None, bad)
     with pytest.raises(ConfigError, match="parallel.ddp_bucket_size: expected a positive"):
         load_config(None, ["parallel.ddp_bucket_size=0"])
+
+
+def test_moe_under_tp_needs_sequence_parallel_up_front():
+    moe = ["model.num_moe_experts=4", "parallel.tensor_model_parallel_size=2", "data.seq_length=64"]
+    with pytest.raises(ConfigError, match="model.num_moe_experts=4 with parallel.tensor_model_parallel_size=2 "
+                                          "needs parallel.sequence_parallel=true"):
+        validate_layout(load_config(None, moe), 2)
+    validate_layout(load_config(None, moe + ["parallel.sequence_parallel=true"]), 2)
