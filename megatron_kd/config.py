@@ -637,6 +637,16 @@ def dump_config(cfg: RunConfig, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def validate_training(cfg: RunConfig) -> None:
+    """Checks for training the student (conversion, evaluation and frozen teachers are exempt)."""
+    m, p = cfg.model, cfg.parallel
+    if m.num_moe_experts and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        # megatron-core's MoE layer raises this in the first training forward; say it up front
+        raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} with parallel.tensor_model_parallel_size="
+                          f"{p.tensor_model_parallel_size} needs parallel.sequence_parallel=true "
+                          "(megatron-core trains MoE layers under TP only with sequence parallelism)")
+
+
 def validate_layout(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the world size or several sections; arithmetic in the message."""
     p, m, t, d = cfg.parallel, cfg.model, cfg.train, cfg.data
@@ -689,11 +699,6 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
             f"data.seq_length={d.seq_length} is not divisible by "
             f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size} (sequence_parallel)"
         )
-    if m.num_moe_experts and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
-        # megatron-core's MoE layer raises this in the first training forward; say it up front
-        raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} with parallel.tensor_model_parallel_size="
-                          f"{p.tensor_model_parallel_size} needs parallel.sequence_parallel=true "
-                          "(megatron-core trains MoE layers under TP only with sequence parallelism)")
     cp_chunks = 2 * p.context_parallel_size if p.context_parallel_size > 1 else 1
     if d.seq_length % cp_chunks:
         raise ConfigError(

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_kd import distributed, platform
-from megatron_kd.config import ConfigError, RunConfig, validate_layout
+from megatron_kd.config import ConfigError, RunConfig, validate_layout, validate_training
 from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
 from megatron_kd.training.metrics import MetricsLogger
@@ -127,6 +127,7 @@ class Trainer:
         cfg = self.cfg
         # Every input is checked before anything is written or computed.
         validate_layout(cfg, torch.distributed.get_world_size())
+        validate_training(cfg)
         if not cfg.data.tokenizer_model:
             raise ConfigError("data.tokenizer_model: required (a sentencepiece .model or HF tokenizer.json)")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)

@@ -38,3 +38,15 @@ def test_existing_run_without_resume_or_overwrite_is_refused(tiny_recipe, existi
     assert len(lines) == 1, p.stderr
     assert "checkpoint.save=" in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0], lines[0]
     assert mr.snapshot(existing_run) == before
+
+
+def test_moe_student_under_tp_without_sp_refused_before_anything_is_written(tiny_recipe, existing_run):
+    """megatron-core would raise in the first training forward; the trainer says it up front."""
+    before = mr.snapshot(existing_run)
+    p = mr.train(tiny_recipe, existing_run, 2,
+                 ["train.train_iters=1", "model.num_moe_experts=4", "parallel.tensor_model_parallel_size=2"],
+                 flags=["--overwrite"], expect_rc=None)
+    assert p.returncode != 0  # each rank exits 2; torchrun reports 1
+    assert "megatron-kd train: error: model.num_moe_experts=4 with parallel.tensor_model_parallel_size=2 " \
+           "needs parallel.sequence_parallel=true" in p.stderr, mr.tail(p.stderr)
+    assert mr.snapshot(existing_run) == before

@@ -82,9 +82,12 @@ def test_communication_overlap_keys_follow_megatron_rules():
         load_config(None, ["parallel.ddp_bucket_size=0"])
 
 
-def test_moe_under_tp_needs_sequence_parallel_up_front():
+def test_moe_training_under_tp_needs_sequence_parallel_up_front():
+    from megatron_kd.config import validate_training
+
     moe = ["model.num_moe_experts=4", "parallel.tensor_model_parallel_size=2", "data.seq_length=64"]
+    validate_layout(load_config(None, moe), 2)  # converting / evaluating such a model is fine
     with pytest.raises(ConfigError, match="model.num_moe_experts=4 with parallel.tensor_model_parallel_size=2 "
                                           "needs parallel.sequence_parallel=true"):
-        validate_layout(load_config(None, moe), 2)
-    validate_layout(load_config(None, moe + ["parallel.sequence_parallel=true"]), 2)
+        validate_training(load_config(None, moe))
+    validate_training(load_config(None, moe + ["parallel.sequence_parallel=true"]))
