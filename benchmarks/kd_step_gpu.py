@@ -98,7 +98,6 @@ def attended_keys(doc_min: int, doc_max: int) -> float:
 
 
 def run_mode(args, mode: str) -> dict:
-    import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_kd import distributed, platform

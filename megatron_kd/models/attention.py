@@ -21,14 +21,27 @@ def layer_spec(model_cfg, context_parallel_size: int = 1, **kwargs):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if platform.layer_spec_kind() == "te":
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=model_cfg.qk_layernorm, **kwargs)
+        spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=model_cfg.qk_layernorm, **kwargs))
     else:
         from megatron_kd.models.norms import use_local_norms
 
         spec = use_local_norms(copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(
             normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm, **kwargs)))
-    return use_backend_core_attention(copy.deepcopy(spec), context_parallel_size)
+    return use_backend_core_attention(spec, context_parallel_size)
+
+
+def block_spec(layer_specs: list):
+    """This stage's layers as a ``TransformerBlockSubmodules`` with the backend's final norm (TE's,
+    or the local spec's sequence-parallel-aware one, models/norms.py; megatron-core would pick
+    ``WrappedTorchNorm``, which refuses sequence parallelism)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    if platform.layer_spec_kind() == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        from megatron_kd.models.norms import LocalNorm as final_norm
+    return TransformerBlockSubmodules(layer_specs=list(layer_specs), layer_norm=final_norm)
 
 
 def use_backend_core_attention(spec, context_parallel_size: int = 1):

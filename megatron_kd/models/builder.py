@@ -116,7 +116,7 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
     """One pipeline chunk of the model for this rank (megatron's model_provider)."""
     from megatron.core import parallel_state
 
-    from megatron_kd.models.attention import layer_spec
+    from megatron_kd.models.attention import block_spec, layer_spec
     from megatron_kd.models.gpt_model import PositionIdGPTModel
     from megatron_kd.models import llama4
 
@@ -127,7 +127,7 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by,
                                parallel_cfg.tensor_model_parallel_size)
-    model_cls, spec = PositionIdGPTModel, layer_spec(model_cfg, parallel_cfg.context_parallel_size)
+    model_cls = PositionIdGPTModel
     if llama4.needs_custom_layers(model_cfg):  # MoE / iRoPE pieces: per-layer specs
         if (model_cfg.attention_chunk_size and platform.layer_spec_kind() == "te"
                 and parallel_cfg.context_parallel_size > 1):
@@ -139,15 +139,11 @@ def build_model(model_cfg, parallel_cfg, vocab_size: int, seq_length: int, bf16:
                               "need their own padding); use CP = 1 or the local spec")
         model_cls = llama4.Llama4GPTModel
         spec = llama4.decoder_block_spec(model_cfg, config, vp_stage, parallel_cfg.context_parallel_size)
-    elif platform.layer_spec_kind() != "te":
-        # the block's final norm too (megatron would pick WrappedTorchNorm; models/norms.py)
-        from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
-                                                                 get_num_layers_to_build)
+    else:
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-        from megatron_kd.models.norms import LocalNorm
-
-        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                          layer_norm=LocalNorm)
+        spec = block_spec([layer_spec(model_cfg, parallel_cfg.context_parallel_size)]
+                          * get_num_layers_to_build(config, vp_stage=vp_stage))
     model = model_cls(
         config=config,
         transformer_layer_spec=spec,

@@ -122,21 +122,14 @@ def _layer_spec(model_cfg, i: int, context_parallel_size: int = 1):
 def decoder_block_spec(model_cfg, config, vp_stage: Optional[int] = None, context_parallel_size: int = 1):
     """Per-layer specs for this rank's pipeline stage (as megatron-core's get_gpt_decoder_block_spec
     slices them), wrapped in a TransformerBlockSubmodules."""
-    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
-                                                             get_num_layers_to_build)
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-    from megatron_kd import platform
 
-    specs = [_layer_spec(model_cfg, i, context_parallel_size) for i in range(model_cfg.num_layers)]
+    from megatron_kd.models.attention import block_spec
+
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    if platform.layer_spec_kind() == "te":
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        final_norm = TENorm
-    else:
-        final_norm = specs[0].submodules.input_layernorm
-    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + n], layer_norm=final_norm)
+    return block_spec([_layer_spec(model_cfg, i, context_parallel_size) for i in range(offset, offset + n)])
 
 
 class Llama4GPTModel(PositionIdGPTModel):
