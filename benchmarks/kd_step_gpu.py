@@ -104,10 +104,12 @@ def run_mode(args, mode: str) -> dict:
     from megatron_kd.config import load_config, validate_layout
     from megatron_kd.data.cp_layout import cp_capacity, layout_batches
     from megatron_kd.kd.distill_model import DistillationModel
+    from megatron_kd.kd.objective import DistillationObjective
     from megatron_kd.kd.pair import freeze
     from megatron_kd.models import build_model
     from megatron_kd.plan import flops_per_token
-    from megatron_kd.training.loop import default_objective, reduce_losses
+    from megatron_kd.training.loop import reduce_losses
+    from megatron_kd.training.objective import CrossEntropyObjective
     from megatron_kd.training.optimizer import build_optimizer, wrap_ddp
 
     if platform.layer_spec_kind() != "te" and not args.smoke:
@@ -134,7 +136,8 @@ def run_mode(args, mode: str) -> dict:
 
     chunk.config.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer(model, cfg.train, cfg.parallel)
-    objective = default_objective(cfg, platform.device())
+    device = platform.device()
+    objective = DistillationObjective(cfg.kd, device) if kd else CrossEntropyObjective(device)
     data = layout_batches(synthetic_windows(args.seq, vocab, 2, args.doc_min, args.doc_max, seed=0), cfg)
     fb = get_forward_backward_func()
 

@@ -11,7 +11,7 @@ def _train(args) -> int:
     from megatron_kd.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before torch/megatron-core: a typo fails in 0.1 s
-    from megatron_kd.training.loop import train
+    from megatron_kd.run import train
     from megatron_kd.training.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED
 
     state = train(cfg, resume=args.resume, overwrite=args.overwrite,

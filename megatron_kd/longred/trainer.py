@@ -1,10 +1,10 @@
 """The training loop for LongReD: the shared Trainer with three streams and a teacher.
 
-Only what differs is overridden: input checks (before anything is written), the model wrapper
-(student + frozen original model per pipeline chunk), the stream datasets and their schedule,
-the layer selection, and the step's reports (per stream, per layer, reduced over every rank, since
-selected layers live on every pipeline stage). Schedule, DDP, optimizer, checkpoints and logging
-are training/loop.py's.
+Only what differs is overridden: input checks (before anything is written), the stream datasets
+and their schedule, the layer selection, and the step's reports (per stream, per layer, reduced
+over every rank, since selected layers live on every pipeline stage). The model wrapper (student +
+frozen original model per pipeline chunk) and the objective come with the spec
+(longred/train_spec.py). Schedule, DDP, optimizer, checkpoints and logging are training/loop.py's.
 """
 from __future__ import annotations
 
@@ -16,18 +16,13 @@ import torch
 
 from megatron_kd.config import LONGRED_STREAMS, ConfigError
 from megatron_kd.longred.layer_select import format_kl_table, top_layers
-from megatron_kd.longred.model import LongReDModel, layer_report_name
-from megatron_kd.longred.objective import LongReDObjective
+from megatron_kd.longred.model import layer_report_name
 from megatron_kd.longred.streams import PackedSamples, mixed_iterator, per_step_counts, step_schedule
 from megatron_kd.data.cp_layout import cp_capacity, layout_batches
-from megatron_kd.training.loop import Trainer, build_model_chunks
+from megatron_kd.training.loop import Trainer
 
 
 SELECTION_FILE = "longred_selection.json"  # in the run dir: the layers picked at the start
-
-
-def _objective(cfg, device):
-    return LongReDObjective(device)
 
 
 def stream_lengths(cfg) -> dict:
@@ -126,9 +121,6 @@ def reduce_reports(chunks, names: list) -> dict:
 
 
 class LongReDTrainer(Trainer):
-    def __init__(self, cfg, run_dir, objective_factory=None):
-        super().__init__(cfg, run_dir, objective_factory or _objective)
-
     # ----------------------------------------------------------------- setup
     def setup(self, resume: bool, overwrite: bool):
         cfg = self.cfg
@@ -184,16 +176,6 @@ class LongReDTrainer(Trainer):
             stream_data_config(self.cfg, stream), self.tokenizer,
             cache_dir=str(self.run_dir / "data_cache" / stream), num_samples=(need, None, None))
         return train
-
-    def build_model_chunks(self, vocab_size: int) -> list:
-        from megatron_kd.kd.teacher import build_teacher_chunks
-
-        cfg = self.cfg
-        students = build_model_chunks(cfg, vocab_size)  # kd.alpha = 0: plain student chunks
-        teachers = build_teacher_chunks(cfg, vocab_size)
-        lr = cfg.longred
-        return [LongReDModel(s, t, lr.selected_layers or [], cfg.model.num_layers,
-                             lr.alpha_short, lr.alpha_s2l) for s, t in zip(students, teachers)]
 
     # ----------------------------------------------------------------- data
     def _stream_iterators(self, consumed_steps: int) -> list:

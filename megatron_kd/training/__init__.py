@@ -1,1 +1,2 @@
-"""Training: loop, objectives, optimizer/scheduler, checkpoints, run directory, logging."""
+"""Training: loop, train-spec registry, objectives, optimizer/scheduler, checkpoints, run directory,
+logging. Imports nothing from kd/, longred/ or above (tests/unit/test_layering.py)."""

@@ -1,8 +1,11 @@
 """The training loop: megatron-core's forward/backward schedule, DDP, optimizer, checkpoints.
 
 ``train(cfg)`` is the whole run: set up (all input checked before compute), optionally resume,
-step, evaluate, checkpoint, log. The objective (what a micro-batch computes) is pluggable; the
-schedule, reductions, checkpoints and logging are shared by every objective.
+step, evaluate, checkpoint, log. What differs between CE, KD and LongReD (model chunks, objective,
+trainer subclass, extra input checks) comes from the train spec the config selects
+(training/registry.py); the schedule, reductions, checkpoints and logging are shared by every spec.
+This module imports nothing from kd/ or longred/: they register their specs
+(megatron_kd/train_specs.py), and ``megatron_kd.run.train`` is the entry point that does so.
 """
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ from megatron_kd.config import ConfigError, RunConfig, validate_layout, validate
 from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
 from megatron_kd.training.metrics import MetricsLogger
-from megatron_kd.training.objective import CrossEntropyObjective
 from megatron_kd.training.optimizer import (build_optimizer, build_scheduler, params_gathered,
                                              set_sync_funcs, wrap_ddp)
 from megatron_kd.training.preemption import StopOnSignal
+from megatron_kd.training.registry import TrainSpec, get_train_spec
 from megatron_kd.training.run_dir import create_run_dir, prepare_run_dir
 
 
@@ -35,47 +38,15 @@ class TrainState:
     stopped_by: Optional[str] = None  # the signal that ended the run early (preemption.py)
 
 
-def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
-    """All pipeline chunks this rank holds (several with virtual pipeline stages).
-
-    With ``kd.alpha > 0`` each chunk is a DistillationModel: the student chunk and the frozen
-    teacher chunk of the same stage.
-    """
+def build_student_chunks(cfg: RunConfig, vocab_size: int) -> list:
+    """The student's pipeline chunks this rank holds (several with virtual pipeline stages): the
+    model of a CE run; the KD and LongReD specs wrap each with the teacher chunk of its stage."""
     from megatron_kd.models import build_model
 
     vp = cfg.parallel.virtual_pipeline_model_parallel_size
-    chunks = []
-    for stage in range(vp or 1):
-        chunks.append(build_model(cfg.model, cfg.parallel, vocab_size, cfg.data.seq_length,
-                                  bf16=cfg.train.bf16, vp_stage=stage if vp else None))
-    if cfg.kd.alpha > 0:
-        from megatron.core import parallel_state as ps
-
-        from megatron_kd.kd.distill_model import DistillationModel
-        from megatron_kd.kd.teacher import build_teacher_chunks
-
-        teachers = build_teacher_chunks(cfg, vocab_size)
-        tp_group = ps.get_tensor_model_parallel_group()
-        fused = use_fused_loss(cfg)
-        chunks = [DistillationModel(s, t, cfg.kd, vocab_size, tp_group, fused=fused)
-                  for s, t in zip(chunks, teachers)]
-    return chunks
-
-
-def use_fused_loss(cfg: RunConfig) -> bool:
-    """kd.loss_impl, with 'auto' = fused from kd.fused_min_tokens tokens per micro-batch on."""
-    if cfg.kd.loss_impl != "auto":
-        return cfg.kd.loss_impl == "fused"
-    return cfg.data.seq_length * cfg.train.micro_batch_size >= cfg.kd.fused_min_tokens
-
-
-def default_objective(cfg: RunConfig, device):
-    """CE alone (phase 1, and the alpha = 0 baseline: no teacher is built or run), else KD."""
-    if cfg.kd.alpha > 0:
-        from megatron_kd.kd.objective import DistillationObjective
-
-        return DistillationObjective(cfg.kd, device)
-    return CrossEntropyObjective(device)
+    return [build_model(cfg.model, cfg.parallel, vocab_size, cfg.data.seq_length,
+                        bf16=cfg.train.bf16, vp_stage=stage if vp else None)
+            for stage in range(vp or 1)]
 
 
 def _num_microbatches(cfg: RunConfig) -> int:
@@ -110,10 +81,15 @@ def reduce_losses(losses: list) -> Optional[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, objective_factory: Optional[Callable] = None):
+    """The shared loop; ``spec`` (default: the registered one the config selects) supplies the
+    model chunks, the objective (unless ``objective_factory`` overrides it) and extra checks."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, objective_factory: Optional[Callable] = None,
+                 spec: Optional[TrainSpec] = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.objective_factory = objective_factory or default_objective
+        self.spec = spec or get_train_spec(cfg)
+        self.objective_factory = objective_factory or self.spec.build_objective
         self.stop = StopOnSignal()  # train() swaps in one with signals (preemption.py)
 
     # ----------------------------------------------------------------- setup
@@ -122,7 +98,6 @@ class Trainer:
         from megatron.core.distributed import finalize_model_grads
 
         from megatron_kd.data import build_packed_datasets, check_data, load_tokenizer
-        from megatron_kd.kd.teacher import check_teacher_config
 
         cfg = self.cfg
         # Every input is checked before anything is written or computed.
@@ -132,7 +107,8 @@ class Trainer:
             raise ConfigError("data.tokenizer_model: required (a sentencepiece .model or HF tokenizer.json)")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
         check_data(cfg.data, self.tokenizer)
-        check_teacher_config(cfg, self.tokenizer.vocab_size)
+        if self.spec.check_config is not None:  # e.g. the teacher's (kd/teacher.py)
+            self.spec.check_config(cfg, self.tokenizer.vocab_size)
         if cfg.checkpoint.load:
             checkpointing.resolve_load_dir(cfg.checkpoint.load)
         prepare_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite)
@@ -205,8 +181,8 @@ class Trainer:
         return self
 
     def build_model_chunks(self, vocab_size: int) -> list:
-        """Hook for trainers with another model wrapper (longred/trainer.py)."""
-        return build_model_chunks(self.cfg, vocab_size)
+        """The spec's chunks (student + teacher wrappers for KD and LongReD), else the student's."""
+        return (self.spec.build_model_chunks or build_student_chunks)(self.cfg, vocab_size)
 
     def train_iterator(self):
         """Hook: the training micro-batch stream, resumed at the current state."""
@@ -323,22 +299,24 @@ class Trainer:
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-          objective_factory: Optional[Callable] = None, exit_signals=()) -> TrainState:
-    """Entry point for every launcher (call under a ``__main__`` guard: the checkpoint writer
-    may start a spawn-based process manager).
+          objective_factory: Optional[Callable] = None, exit_signals=(),
+          spec: Optional[str] = None) -> TrainState:
+    """The whole run with the registered spec the config selects (or the one named ``spec``);
+    launchers call ``megatron_kd.run.train``, which registers every spec first. Call under a
+    ``__main__`` guard: the checkpoint writer may start a spawn-based process manager.
 
-    ``exit_signals`` (e.g. ``("SIGUSR1", "SIGTERM")``): on any of them, checkpoint after the
-    current step and return with ``stopped_by`` set (preemption.py).
+    ``objective_factory(cfg, device)`` replaces the spec's objective (the demo's passkey
+    teacher). ``exit_signals`` (e.g. ``("SIGUSR1", "SIGTERM")``): on any of them, checkpoint
+    after the current step and return with ``stopped_by`` set (preemption.py).
     """
     if not cfg.checkpoint.save:
         raise ConfigError("checkpoint.save: required (the run directory)")
-    trainer_cls = Trainer
-    if cfg.longred is not None:  # LongReD: three streams and a teacher (docs/longred.md)
-        from megatron_kd.longred.trainer import LongReDTrainer as trainer_cls
+    train_spec = get_train_spec(cfg, spec)  # before init: an unregistered spec fails in 0.1 s
+    trainer_cls = train_spec.trainer_cls or Trainer
     with StopOnSignal(exit_signals) as stop:  # before init: a signal during setup is kept too
         distributed.init_distributed()
         try:
-            trainer = trainer_cls(cfg, Path(cfg.checkpoint.save), objective_factory)
+            trainer = trainer_cls(cfg, Path(cfg.checkpoint.save), objective_factory, spec=train_spec)
             trainer.stop = stop
             return trainer.setup(resume, overwrite).train()
         finally:

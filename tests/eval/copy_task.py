@@ -52,7 +52,7 @@ def build(root: Path, iters: int = ITERS, docs: int = 17600) -> Path:
     from megatron_kd.data import load_tokenizer, preprocess, train_sentencepiece, write_jsonl
     from megatron_kd.eval import passkey
     from megatron_kd.eval.haystack import essay_words
-    from megatron_kd.training.loop import train
+    from megatron_kd.run import train
 
     root.mkdir(parents=True, exist_ok=True)
     words = essay_words()

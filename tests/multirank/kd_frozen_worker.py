@@ -20,10 +20,12 @@ def digest(params) -> str:
 def main():
     from megatron_kd import distributed
     from megatron_kd.config import load_config
+    from megatron_kd.train_specs import register_all
     from megatron_kd.training.loop import Trainer
 
     recipe, run_dir, *overrides = sys.argv[1:]
     cfg = load_config(recipe, [f"checkpoint.save={run_dir}", *overrides])
+    register_all()  # the KD spec (training/registry.py)
     distributed.init_distributed()
     trainer = Trainer(cfg, Path(run_dir)).setup(resume=False, overwrite=True)
     wrapper = trainer.model[0].module
