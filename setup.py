@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Megatron-style logit knowledge distillation with long-context extension",
     packages=find_packages(include=["megatron_kd", "megatron_kd.*"]),
-    package_data={"megatron_kd": ["recipes/*.yaml"]},
+    package_data={"megatron_kd": ["recipes/*.yaml", "recipes/reproduce/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",

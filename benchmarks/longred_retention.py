@@ -98,7 +98,8 @@ def evaluate(runs: dict, L: int, T: int, samples: int) -> dict:
     from megatron_kd import distributed
     from megatron_kd.config import load_config
     from megatron_kd.data import iter_offline_corpus, load_tokenizer
-    from megatron_kd.demo import HELDOUT_PARAGRAPHS, KEY_LEN
+    from megatron_kd.demo import KEY_LEN
+    from megatron_kd.study.corpus import HELDOUT_PARAGRAPHS
     from megatron_kd.eval import passkey
 
     tok = load_tokenizer(load_config(str(Path(runs["original"]) / "config.yaml")).data.tokenizer_model)

@@ -20,10 +20,9 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    from megatron_kd.demo import run_demo
+    from megatron_kd.demo import main as demo_main
 
-    run_demo(args.run_dir, overwrite=args.overwrite, train_iters=args.train_iters)
-    return 0
+    return demo_main(args.run_dir, overwrite=args.overwrite, train_iters=args.train_iters)
 
 
 def _eval(args) -> int:
@@ -107,6 +106,18 @@ def _add_drift_parser(sub) -> None:
     d.add_argument("--seq-length", type=int, default=None, help="window length (default: the before run's)")
     d.add_argument("--windows", type=int, default=4, help="held-out windows to average over")
     d.add_argument("--out", default="runs/drift", help="where drift.json / drift.png go")
+
+
+def _add_reproduce_parser(sub) -> None:
+    from megatron_kd.study.commands import add_parser
+
+    add_parser(sub)
+
+
+def _reproduce(args) -> int:
+    from megatron_kd.study.commands import run
+
+    return run(args)
 
 
 def _convert(args) -> int:
@@ -193,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze_parser(sub)
 
     _add_drift_parser(sub)
+    _add_reproduce_parser(sub)
     _add_convert_parser(sub)
     _add_plan_parser(sub)
     add_eval_parser(sub)
@@ -213,7 +225,8 @@ def _input_errors() -> tuple:
 
     types = [ConfigError]
     for module, name in (("megatron_kd.data.errors", "DataError"),
-                         ("megatron_kd.training.checkpointing", "CheckpointError")):
+                         ("megatron_kd.training.checkpointing", "CheckpointError"),
+                         ("megatron_kd.study.runner", "StudyError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
@@ -240,6 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _drift(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
         if args.command == "plan":
             return _plan(args)
         if args.command == "eval":

@@ -269,6 +269,10 @@ class TrainConfig:
     eval_interval: int = 10
     eval_iters: int = 2  # held-out micro-batch groups per evaluation (same windows every time)
     exit_interval: Optional[int] = None  # Megatron's --exit-interval: stop after iter % N == 0
+    # control: keep the query/key weight rows of these rotary frequency indices (of
+    # rotary_dim / 2, half-open spans "a:b", comma-separated) at their initial (loaded) values in
+    # every RoPE layer (models/rotary_freeze.py)
+    freeze_rotary_frequencies: Optional[str] = None
 
     def __post_init__(self):
         _positive(self, "micro_batch_size", "global_batch_size", "train_iters", "lr")
@@ -280,6 +284,23 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr={self.min_lr} is larger than train.lr={self.lr}")
         if self.lr_warmup_iters < 0:
             raise ConfigError("train.lr_warmup_iters: expected >= 0")
+        if self.freeze_rotary_frequencies is not None:
+            parse_frequency_spans(self.freeze_rotary_frequencies)
+
+
+def parse_frequency_spans(spec: str) -> list:
+    """``"8:16,0:2"`` -> [(8, 16), (0, 2)] (half-open rotary frequency index spans)."""
+    spans = []
+    for part in str(spec).split(","):
+        try:
+            a, b = (int(x) for x in part.strip().split(":"))
+        except ValueError:
+            a = b = -1
+        if not 0 <= a < b:
+            raise ConfigError(f"train.freeze_rotary_frequencies: expected spans 'a:b' with 0 <= a < b, "
+                              f"comma-separated (frequency indices), got {spec!r}")
+        spans.append((a, b))
+    return spans
 
 
 @dataclass
@@ -297,6 +318,9 @@ class TeacherConfig(ModelConfig):
     load: Optional[str] = None  # project checkpoint (run dir, checkpoints/ or iter_* dir)
     tokenizer_model: Optional[str] = None  # must have the student's true vocab size
     bf16: bool = False  # the teacher's own precision (forward only)
+    # control: the teacher sees per-document (reset) positions while the student keeps
+    # data.reset_position_ids' ones, so its targets carry no absolute-position content
+    reset_position_ids: bool = False
 
 
 @dataclass
@@ -640,6 +664,20 @@ def dump_config(cfg: RunConfig, path: Path) -> None:
 def validate_training(cfg: RunConfig) -> None:
     """Checks for training the student (conversion, evaluation and frozen teachers are exempt)."""
     m, p = cfg.model, cfg.parallel
+    if cfg.teacher is not None and cfg.teacher.reset_position_ids and cfg.kd.alpha == 0 and cfg.longred is None:
+        raise ConfigError("teacher.reset_position_ids=true with kd.alpha=0: no teacher is run at kd.alpha=0 "
+                          "(the control needs KD: set kd.alpha > 0, or drop teacher.reset_position_ids)")
+    if cfg.train.freeze_rotary_frequencies is not None:
+        if m.position_embedding_type != "rope":
+            raise ConfigError(f"train.freeze_rotary_frequencies needs model.position_embedding_type=rope, got "
+                              f"{m.position_embedding_type!r}")
+        head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+        n_freq = int(head_dim * m.rotary_percent) // 2
+        for a, b in parse_frequency_spans(cfg.train.freeze_rotary_frequencies):
+            if b > n_freq:
+                raise ConfigError(f"train.freeze_rotary_frequencies={cfg.train.freeze_rotary_frequencies!r}: "
+                                  f"span {a}:{b} beyond the {n_freq} rotary frequencies (head dim {head_dim} x "
+                                  f"rotary_percent {m.rotary_percent} / 2)")
     if m.num_moe_experts and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         # megatron-core's MoE layer raises this in the first training forward; say it up front
         raise ConfigError(f"model.num_moe_experts={m.num_moe_experts} with parallel.tensor_model_parallel_size="

@@ -162,11 +162,23 @@ def layout_batches(batches, cfg):
     rank excludes CP), and TE's THD ``cu_seqlens`` on the TE spec. Unchanged otherwise."""
     from megatron_kd import platform
 
+    if cfg.teacher is not None and cfg.teacher.reset_position_ids and cfg.kd.alpha > 0:
+        batches = with_teacher_positions(batches)
     cp = cfg.parallel.context_parallel_size
     te = platform.layer_spec_kind() == "te"
     if cp == 1 and not te:
         return batches
     return _layout(batches, cfg, cp, te)
+
+
+def with_teacher_positions(batches):
+    """Add ``teacher_position_ids``: per-document (reset) positions of the whole window, for the
+    position-invariant teacher control (teacher.reset_position_ids). Formed before any CP shard is
+    cut, so every shard carries its tokens' own (shard_batch moves every [b, s] tensor)."""
+    from megatron_kd.data.packing import position_ids_from_document_ids
+
+    for batch in batches:
+        yield {**batch, "teacher_position_ids": position_ids_from_document_ids(batch["document_ids"], reset=True)}
 
 
 def _layout(batches, cfg, cp, te):

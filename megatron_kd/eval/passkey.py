@@ -246,26 +246,30 @@ def _logits(model, ids_batch, vocab_size: int):
     return logits[..., :vocab_size].float()
 
 
-def score_model(model, vocab_size: int, eval_set: Dict[int, List[PasskeyDoc]],
-                heldout_ids: Sequence[Sequence[int]], batch_size: int = 16) -> dict:
-    """{"accuracy": {distance: exact-match fraction}, "heldout_loss": mean CE per token}."""
+def score_samples(model, vocab_size: int, docs: Sequence[PasskeyDoc], batch_size: int = 16) -> List[int]:
+    """Per document 1/0: every answer key token is the teacher-forced argmax (exact match)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(docs), batch_size):
+            chunk = docs[i:i + batch_size]
+            logits = _logits(model, [doc.ids for doc in chunk], vocab_size)
+            for row, doc in zip(logits, chunk):
+                # the token at p is predicted from position p - 1 (teacher forcing)
+                pos = torch.arange(doc.answer_pos - 1, doc.answer_pos - 1 + doc.key_len)
+                pred = row[pos].argmax(-1).tolist()
+                out.append(int(pred == doc.ids[doc.answer_pos:doc.answer_pos + doc.key_len]))
+    return out
+
+
+def heldout_loss(model, vocab_size: int, heldout_ids: Sequence[Sequence[int]], batch_size: int = 16) -> float:
+    """Mean next-token CE over unpacked held-out sequences (positions 0..s-1)."""
     import torch
     import torch.nn.functional as F
 
-    acc = {}
+    total, count = 0.0, 0
     with torch.no_grad():
-        for d, docs in eval_set.items():
-            correct = 0
-            for i in range(0, len(docs), batch_size):
-                chunk = docs[i:i + batch_size]
-                logits = _logits(model, [doc.ids for doc in chunk], vocab_size)
-                for row, doc in zip(logits, chunk):
-                    # the token at p is predicted from position p - 1 (teacher forcing)
-                    pos = torch.arange(doc.answer_pos - 1, doc.answer_pos - 1 + doc.key_len)
-                    pred = row[pos].argmax(-1).tolist()
-                    correct += pred == doc.ids[doc.answer_pos:doc.answer_pos + doc.key_len]
-            acc[int(d)] = correct / len(docs)
-        total, count = 0.0, 0
         for i in range(0, len(heldout_ids), batch_size):
             chunk = [list(x) for x in heldout_ids[i:i + batch_size]]
             logits = _logits(model, chunk, vocab_size)
@@ -274,7 +278,17 @@ def score_model(model, vocab_size: int, eval_set: Dict[int, List[PasskeyDoc]],
                                    reduction="sum")
             total += loss.item()
             count += tokens[:, 1:].numel()
-    return {"accuracy": acc, "heldout_loss": total / max(count, 1)}
+    return total / max(count, 1)
+
+
+def score_model(model, vocab_size: int, eval_set: Dict[int, List[PasskeyDoc]],
+                heldout_ids: Sequence[Sequence[int]], batch_size: int = 16) -> dict:
+    """{"accuracy": {distance: exact-match fraction}, "heldout_loss": mean CE per token}."""
+    acc = {}
+    for d, docs in eval_set.items():
+        hits = score_samples(model, vocab_size, docs, batch_size)
+        acc[int(d)] = sum(hits) / len(docs)
+    return {"accuracy": acc, "heldout_loss": heldout_loss(model, vocab_size, heldout_ids, batch_size)}
 
 
 def evaluate_runs(runs: Dict[str, str], eval_set: Dict[int, List[PasskeyDoc]],
@@ -338,7 +352,7 @@ class AnswerObjective:
     Plain next-token CE over whole passkey documents spends a few % of the loss on the key, and
     a tiny model stays at chance on retrieval within a CPU budget (DESIGN.md §5); the loss on the
     key alone, with a length curriculum, breaks the plateau. It plugs into
-    ``megatron_kd.training.loop.train(cfg, objective_factory=...)`` (same forward-step contract as
+    ``megatron_kd.run.train(cfg, objective_factory=...)`` (same forward-step contract as
     :class:`~megatron_kd.training.objective.CrossEntropyObjective`); the reduction is the sum over
     answer tokens / their global count, as for every objective. Reports ``answer loss`` (the
     objective), ``answer acc`` (fraction of answer tokens with p(key) > 1/2, a lower bound on
@@ -355,7 +369,7 @@ class AnswerObjective:
 
     @classmethod
     def factory(cls, question_ids: Sequence[int], key_len: int, lm_weight: float = 0.0):
-        """An ``objective_factory(cfg, device)`` for :func:`megatron_kd.training.loop.train`."""
+        """An ``objective_factory(cfg, device)`` for :func:`megatron_kd.run.train`."""
         return lambda cfg, device: cls(device, question_ids, key_len, lm_weight)
 
     def forward_step(self, data_iterator, model):

@@ -1,7 +1,8 @@
 """Teacher + student as one pipeline chunk: same micro-batch, same stages, hidden states together.
 
 ``DistillationModel`` wraps one student chunk and the teacher chunk of the same pipeline stage.
-Both see the same tokens, position ids and document mask. On stages before the last, the output
+Both see the same tokens, position ids and document mask (unless ``teacher_position_ids`` are
+given: the position-invariant teacher control, teacher.reset_position_ids). On stages before the last, the output
 is ``cat([student_hidden, teacher_hidden], -1)`` -- ``[s, b, h_S + h_T]`` -- so megatron-core's
 p2p sends both in one tensor; the wrapper's ``config.hidden_size`` is ``h_S + h_T`` so the
 schedules (1F1B and interleaved) allocate that shape. On the last stage it returns the per-token
@@ -30,12 +31,14 @@ class DistillationModel(StudentTeacherPair):
         self.fused = fused
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None,
+                teacher_position_ids=None, **kwargs):
+        tpos = position_ids if teacher_position_ids is None else teacher_position_ids
         if self.post_process and self.fused:
-            return self._fused_loss(input_ids, position_ids, attention_mask, labels, loss_mask, **kwargs)
+            return self._fused_loss(input_ids, position_ids, attention_mask, labels, loss_mask, tpos, **kwargs)
         student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
         with torch.no_grad():
-            teacher_out = self.teacher(input_ids, position_ids, attention_mask, **kwargs)
+            teacher_out = self.teacher(input_ids, tpos, attention_mask, **kwargs)
         if not self.post_process:
             return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
         # last stage: logits [b, s, V_pad/TP] (vocab shards of the same padded vocab)
@@ -54,12 +57,13 @@ class DistillationModel(StudentTeacherPair):
             ce = torch.zeros_like(kd)
         return torch.stack([kd, ce], dim=-1)  # [b, s, 2]
 
-    def _fused_loss(self, input_ids, position_ids, attention_mask, labels, loss_mask, **kwargs):
+    def _fused_loss(self, input_ids, position_ids, attention_mask, labels, loss_mask, teacher_position_ids,
+                    **kwargs):
         """Last stage, fused: final hidden states + output weights -> (loss sum, token count),
         chunk by chunk, never forming the [tokens, V/TP] logits (kd/fused.py)."""
         hs = self.student.forward_hidden(input_ids, position_ids, attention_mask, **kwargs)  # [s, b, h_S]
         with torch.no_grad():
-            ht = self.teacher.forward_hidden(input_ids, position_ids, attention_mask, **kwargs)  # [s, b, h_T]
+            ht = self.teacher.forward_hidden(input_ids, teacher_position_ids, attention_mask, **kwargs)  # [s, b, h_T]
         if self.student.config.sequence_parallel:
             # [s/TP, b, h] slices -> the whole sequence on every TP rank (what the output layer
             # would gather). Backward keeps this rank's slice of the gradient: the fused loss

@@ -172,6 +172,16 @@ class Trainer:
                 self.state.consumed_samples = info["consumed_samples"]
             self._print(f"loaded {'weights' if finetune else 'checkpoint'} from {info['path']}")
 
+        # after any load: the frozen rows keep the loaded (phase-1) values (models/rotary_freeze.py)
+        self.rotary_freeze = None
+        if cfg.train.freeze_rotary_frequencies:
+            from megatron_kd.config import parse_frequency_spans
+            from megatron_kd.models.rotary_freeze import RotaryFreeze
+
+            self.rotary_freeze = RotaryFreeze(self.model, cfg.model,
+                                              parse_frequency_spans(cfg.train.freeze_rotary_frequencies),
+                                              tp=cfg.parallel.tensor_model_parallel_size)
+
         total = cfg.train.train_iters * cfg.train.global_batch_size
         eval_windows = cfg.train.eval_iters * cfg.train.global_batch_size
         self.train_ds, self.valid_ds, _ = build_packed_datasets(
@@ -224,7 +234,11 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(data_iterator, forward_only=False)
+        if self.rotary_freeze is not None:
+            self.rotary_freeze.mask_grads()
         update_ok, grad_norm, _ = self.optimizer.step()
+        if self.rotary_freeze is not None:
+            self.rotary_freeze.restore()
         if update_ok:
             self.scheduler.step(increment=self.cfg.train.global_batch_size)
         return reduce_losses(losses), grad_norm, update_ok

@@ -1,0 +1,202 @@
+"""``megatron-kd reproduce``: the paper's Figure 4 at small scale, resumable, with controls.
+
+One study directory holds the data, the teachers, the phase-1 students (one per theta x seed), the
+phase-2 students (setup x {KD, CE} x seed, and each control's arms) and the report. Every run is
+complete when its ``study_done.json`` (its evaluation) exists: a killed study reruns only the runs
+without one (their partial directory is replaced). The runs train in this process, one after the
+other, through the project's training loop and recipes (``recipes/reproduce/``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from megatron_kd.config import load_config
+from megatron_kd.study.spec import CONTROLS, MAIN_SETUP, SETUPS, StudyConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "reproduce"
+TEACHER_LM_WEIGHT = 1.0  # teacher objective: answer-token CE + this x mean LM CE
+DONE = "study_done.json"
+#: a passkey document of n tokens holds needle distances up to n minus this (needle head + answer)
+DISTANCE_MARGIN = 12
+
+
+class StudyError(RuntimeError):
+    """The study cannot give a meaningful answer with these settings (said, with the numbers)."""
+
+
+@dataclass
+class RunSpec:
+    name: str  # path under the study directory
+    recipe: str
+    overrides: List[str]
+    kind: str  # teacher | phase1 | phase2
+    objective_factory: Optional[Callable] = None
+    eval_bands: bool = True
+    meta: Dict[str, object] = field(default_factory=dict)
+
+
+def _theta_name(theta: int) -> str:
+    return f"{theta // 1000}k"
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, root: Path, log=print):
+        self.cfg = cfg
+        self.root = Path(root)
+        self.log = log
+        self.timings: Dict[str, float] = {}
+        cfg.validate(lambda n: n - DISTANCE_MARGIN)
+        self._check_recipes()
+
+    def _check_recipes(self):
+        """Every recipe the plan uses loads (and validates) before anything is trained."""
+        names = {"teacher.yaml", "phase1.yaml", "phase2_kd.yaml", "phase2_ce.yaml"}
+        if "positional_teacher" in self.cfg.controls:
+            names.add("teacher_positional.yaml")
+        names |= {f"control_{c}.yaml" for c in self.cfg.controls}
+        for n in sorted(names):
+            load_config(str(RECIPES / n))
+
+    # ------------------------------------------------------------------ plan
+    def _teacher_runs(self, name: str, recipe: str, tok: str, data: Path, objective) -> List[RunSpec]:
+        runs, prev = [], None
+        for w, iters, gbs in self.cfg.teacher_stages:
+            run = f"{name}/len{w:04d}"
+            ov = [f"data.tokenizer_model={tok}", f"data.data_path={data / f'teacher_{w}'}",
+                  f"data.seq_length={w}", f"train.train_iters={iters}", f"train.global_batch_size={gbs}",
+                  f"train.micro_batch_size={max(1, gbs // 2)}"]
+            if prev:
+                ov += [f"checkpoint.load={self.root / prev}", "checkpoint.finetune=true"]
+            runs.append(RunSpec(run, recipe, ov, "teacher", objective, eval_bands=(w == self.cfg.teacher_length),
+                                meta={"seq_length": w}))
+            prev = run
+        return runs
+
+    def plan(self, tok: str, data: Path) -> List[RunSpec]:
+        c = self.cfg
+        objective = self._teacher_objective(tok)
+        runs = self._teacher_runs("teacher", "teacher.yaml", tok, data, objective)
+        if "positional_teacher" in c.controls:
+            runs += self._teacher_runs("teacher_positional", "teacher_positional.yaml", tok, data, objective)
+        thetas = sorted({SETUPS[s][0] for s in c.setups})
+        common = [f"data.tokenizer_model={tok}"]
+        for seed in range(c.seeds):
+            sd = [f"train.seed={1234 + seed}", f"data.seed={1234 + seed}"]
+            for th in thetas:
+                runs.append(RunSpec(
+                    f"phase1_theta{_theta_name(th)}/seed{seed}", "phase1.yaml",
+                    common + sd + [f"data.data_path={data / 'phase1'}", f"model.rotary_base={th}",
+                                   f"data.seq_length={c.phase1_seq_length}", f"train.train_iters={c.phase1_iters}",
+                                   f"train.global_batch_size={c.phase1_global_batch_size}",
+                                   f"train.micro_batch_size={c.phase1_global_batch_size // 2}"],
+                    "phase1", meta={"theta": th, "seed": seed}))
+        teacher = self.root / "teacher" / f"len{c.teacher_length:04d}"
+
+        def phase2(name, recipe, setup, seed, arm, extra=()):
+            th1, th2 = SETUPS[setup]
+            ov = common + [f"train.seed={1234 + seed}", f"data.seed={1234 + seed}",
+                           f"data.data_path={data / 'phase2'}", f"data.seq_length={c.phase2_seq_length}",
+                           f"model.rotary_base={th2}", f"train.train_iters={c.phase2_iters}",
+                           f"train.global_batch_size={c.phase2_global_batch_size}",
+                           f"train.micro_batch_size={c.phase2_global_batch_size // 2}",
+                           f"checkpoint.load={self.root / f'phase1_theta{_theta_name(th1)}' / f'seed{seed}'}",
+                           f"teacher.load={teacher}", f"kd.alpha={c.kd_alpha if arm == 'kd' else 0.0}"]
+            return RunSpec(f"{name}/{arm}/seed{seed}", recipe, ov + list(extra), "phase2",
+                           meta={"setup": setup, "arm": arm, "seed": seed, "group": name})
+
+        for seed in range(c.seeds):
+            for setup in c.setups:
+                for arm in ("kd", "ce"):
+                    runs.append(phase2(setup, f"phase2_{arm}.yaml", setup, seed, arm))
+            for ctrl in c.controls:
+                extra = []
+                if ctrl == "positional_teacher":
+                    extra = [f"teacher.load={self.root / 'teacher_positional' / f'len{c.teacher_length:04d}'}"]
+                elif ctrl == "short_teacher":
+                    extra = [f"teacher.load={self.root / 'teacher' / f'len{c.short_teacher_stage():04d}'}"]
+                for arm in CONTROLS[ctrl][1]:
+                    runs.append(phase2(f"control_{ctrl}", f"control_{ctrl}.yaml", MAIN_SETUP, seed, arm, extra))
+        return runs
+
+    def _teacher_objective(self, tok: str):
+        from megatron_kd.data import load_tokenizer
+        from megatron_kd.eval import passkey
+
+        gen = passkey.PasskeyGenerator(load_tokenizer(tok), ["filler"], key_len=1)
+        return passkey.AnswerObjective.factory(gen.question_ids(), 1, TEACHER_LM_WEIGHT)
+
+    # ------------------------------------------------------------------ execution
+    def _train(self, spec: RunSpec) -> float:
+        from megatron_kd.run import train
+
+        run = self.root / spec.name
+        cfg = load_config(str(RECIPES / spec.recipe), spec.overrides + [f"checkpoint.save={run}"])
+        t = time.time()
+        train(cfg, overwrite=True, objective_factory=spec.objective_factory)
+        return time.time() - t
+
+    def _execute(self, spec: RunSpec, sets) -> dict:
+        from megatron_kd.study.evaluate import evaluate_run
+
+        run = self.root / spec.name
+        done = run / DONE
+        if done.exists():
+            return json.loads(done.read_text())
+        self.log(f"[study {time.time() - self.t0:7.1f}s] train {spec.name}")
+        seconds = self._train(spec)
+        result = evaluate_run(run, sets, bands=spec.eval_bands, probe=spec.kind == "phase1")
+        result.update(name=spec.name, kind=spec.kind, meta=spec.meta, train_seconds=round(seconds, 1))
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(done)
+        return result
+
+    def run(self) -> dict:
+        from megatron_kd.study.corpus import build_corpus
+        from megatron_kd.study.evaluate import build_eval_sets
+        from megatron_kd.study.report import write_report
+
+        c = self.cfg
+        self.t0 = time.time()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "study_config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        self.log(f"[study] {self.root}: preset {c.preset}, {c.seeds} seed(s), setups {', '.join(c.setups)}, "
+                 f"controls {', '.join(c.controls) or 'none'}")
+        t = time.time()
+        n_teacher = {w: max(64, int(it * gbs * 1.1)) for w, it, gbs in c.teacher_stages}
+        corpus = build_corpus(self.root / "data", [w for w, _, _ in c.teacher_stages], n_teacher,
+                              c.phase1_seq_length, c.phase1_docs, c.phase2_doc_tokens, c.phase2_docs,
+                              c.passkey_fraction, log=self.log)
+        sets = build_eval_sets(c, corpus)
+        self.timings["data"] = round(time.time() - t, 1)
+        plan = self.plan(corpus.tokenizer, corpus.root)
+        results: Dict[str, dict] = {}
+        for kind in ("teacher", "phase1", "phase2"):
+            t = time.time()
+            for spec in [s for s in plan if s.kind == kind]:
+                results[spec.name] = self._execute(spec, sets)
+            self.timings[kind] = round(time.time() - t, 1)
+            if kind == "phase1":
+                self._check_bar([results[s.name] for s in plan if s.kind == "phase1"])
+        summary = write_report(self.root, c, results, corpus, self.timings | {"total": round(time.time() - self.t0, 1)})
+        return summary
+
+    def _check_bar(self, phase1: List[dict]):
+        from megatron_kd.study.evaluate import accuracy
+
+        accs = {r["name"]: accuracy(r["phase1_probe"]) for r in phase1}
+        line = ", ".join(f"{k} {v:.2f}" for k, v in accs.items())
+        self.log(f"  phase-1 in-distribution exact match ({self.cfg.phase1_seq_length - 1}-token documents): {line}")
+        low = {k: v for k, v in accs.items() if v < self.cfg.in_distribution_bar}
+        if low:
+            raise StudyError(
+                f"phase 1 did not reach the in-distribution bar {self.cfg.in_distribution_bar:.2f} after "
+                f"{self.cfg.phase1_iters} steps ({', '.join(f'{k} {v:.2f}' for k, v in low.items())}; chance "
+                f"0.06): a table past this point would compare chance with chance. Raise --phase1-iters "
+                f"(2,000 reach it, docs/reproduce.md) or lower --in-distribution-bar; finished runs are kept")
+        if self.cfg.in_distribution_bar == 0:
+            self.log("  (in-distribution bar off: this preset checks the pipeline, not the science)")
