@@ -134,7 +134,8 @@ class Study:
         from megatron_kd.run import train
 
         run = self.root / spec.name
-        cfg = load_config(str(RECIPES / spec.recipe), spec.overrides + [f"checkpoint.save={run}"])
+        extra = [f"train.log_interval={self.cfg.log_interval}"] if self.cfg.log_interval else []
+        cfg = load_config(str(RECIPES / spec.recipe), spec.overrides + extra + [f"checkpoint.save={run}"])
         t = time.time()
         train(cfg, overwrite=True, objective_factory=spec.objective_factory)
         return time.time() - t

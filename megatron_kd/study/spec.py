@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from megatron_kd.config import ConfigError
 
@@ -66,6 +66,7 @@ class StudyConfig:
     samples_per_distance: int = 24
     heldout_lm_seqs: int = 32
     in_distribution_bar: float = 0.8  # phase-1 students must reach it before phase 2 starts
+    log_interval: Optional[int] = None  # every run's train.log_interval (None: the recipes')
     preset: str = "default"
 
     # ------------------------------------------------------------------ derived
@@ -146,7 +147,7 @@ def preset(name: str) -> StudyConfig:
         return StudyConfig(
             seeds=2, teacher_stages=((32, 4, 16), (64, 3, 16), (128, 3, 8), (256, 3, 8)),
             phase1_iters=6, phase2_iters=3, phase1_docs=600, phase2_docs=400, samples_per_distance=4,
-            heldout_lm_seqs=4, in_distribution_bar=0.0, preset="quick")
+            heldout_lm_seqs=4, in_distribution_bar=0.0, log_interval=1, preset="quick")
     if name == "demo":  # one seed of the paper's setup, KD vs CE, no controls
         return StudyConfig(seeds=1, setups=(MAIN_SETUP,), controls=(), samples_per_distance=64,
                            preset="demo")
