@@ -105,7 +105,7 @@ def _first_run(root: Path, arm: str) -> str:
 
 
 def reduced(scale: float, samples: int = 8, seeds: int = 1):
-    """The demo preset with steps and corpora scaled down (tests)."""
+    """The demo preset with steps and corpora scaled down (tests; in this process: jobs = 1)."""
     from megatron_kd.study.spec import preset
 
     cfg = preset("demo")
@@ -115,7 +115,7 @@ def reduced(scale: float, samples: int = 8, seeds: int = 1):
                                phase1_docs=max(200, int(cfg.phase1_docs * scale)),
                                phase2_docs=max(200, int(cfg.phase2_docs * scale)),
                                samples_per_distance=samples, seeds=seeds, heldout_lm_seqs=4,
-                               in_distribution_bar=0.0, log_interval=1)
+                               in_distribution_bar=0.0, log_interval=1, jobs=1)
 
 
 def main(run_dir: str, overwrite: bool, train_iters: Optional[int] = None) -> int:

@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
                    help="distances beyond it, inside the phase-2 window (default 144,176,208,240)")
     r.add_argument("--distances-beyond-window", default=None,
                    help="distances beyond the window, in sequences twice as long (default 288,352,416,480)")
+    r.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once, each a process with cores/jobs threads (default 2; 1: all "
+                        "in this process)")
     r.add_argument("--in-distribution-bar", type=float, default=None,
                    help="phase-1 students must reach this exact match in distribution before phase 2 "
                         "(default 0.8; --quick: 0, off)")
@@ -57,7 +60,7 @@ def config_from_args(args):
 
     cfg = preset("quick" if args.quick else "default")
     changes = {}
-    for name in ("seeds", "phase1_iters", "phase2_iters", "samples_per_distance", "in_distribution_bar"):
+    for name in ("seeds", "phase1_iters", "phase2_iters", "samples_per_distance", "in_distribution_bar", "jobs"):
         v = getattr(args, name)
         if v is not None:
             changes[name] = v

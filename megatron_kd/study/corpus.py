@@ -84,6 +84,13 @@ def _mixed_docs(gen, n_docs: int, lo: int, hi: int, passkey_fraction: float, see
     return out
 
 
+def load_corpus(root: Path) -> StudyCorpus:
+    """The corpus a study already built (``<root>/corpus.json``), e.g. in a worker process."""
+    meta = json.loads((Path(root) / "corpus.json").read_text())
+    paragraphs, heldout = _paragraphs()
+    return StudyCorpus(Path(root), meta["tokenizer"], paragraphs, heldout, meta["stats"])
+
+
 def build_corpus(root: Path, teacher_lengths: Sequence[int], teacher_docs: Dict[int, int],
                  phase1_seq_length: int, phase1_docs: int, phase2_doc_tokens: Sequence[int],
                  phase2_docs: int, passkey_fraction: float, log=print) -> StudyCorpus:
@@ -92,11 +99,10 @@ def build_corpus(root: Path, teacher_lengths: Sequence[int], teacher_docs: Dict[
     from megatron_kd.eval import passkey
 
     root = Path(root)
-    paragraphs, heldout = _paragraphs()
     done = root / "corpus.json"
     if done.exists():
-        meta = json.loads(done.read_text())
-        return StudyCorpus(root, meta["tokenizer"], paragraphs, heldout, meta["stats"])
+        return load_corpus(root)
+    paragraphs, heldout = _paragraphs()
     root.mkdir(parents=True, exist_ok=True)
     tok_texts, size = [], 0
     for p in paragraphs:

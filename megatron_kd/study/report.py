@@ -78,30 +78,48 @@ def _fmt_cell(c: dict) -> str:
 
 
 def _verdict(name: str, ctrl: dict, main: Optional[dict]) -> str:
+    """One sentence: which hypothesis this control's KD - CE (beyond the document) supports.
+    "supports" needs an interval that excludes 0; an interval that includes it is "consistent
+    with", never proof."""
     lo, hi = ctrl["ci95"]
-    sig = lo > 0 or hi < 0
     if main is None:
         return "no main-setup comparison"
-    mlo, mhi = main["ci95"]
-    main_sig = mlo > 0
-    if not main_sig:
-        base = ("the main KD - CE difference beyond the document is not distinguishable from 0, so this "
-                "control cannot separate the hypotheses; ")
-        return base + (f"here KD - CE = {ctrl['difference']:+.2f} "
-                       f"({'excludes' if sig else 'includes'} 0)")
+    if not main["ci95"][0] > 0:
+        return ("the main KD - CE difference beyond the document is not distinguishable from 0, so this "
+                f"control cannot separate the hypotheses (here KD - CE = {ctrl['difference']:+.3f}, interval "
+                f"{'excludes' if lo > 0 or hi < 0 else 'includes'} 0)")
     if name == "teacher_reset_positions":
-        return ("KD still beats CE with position-invariant targets: the advantage is not absolute-position "
-                "content in the targets (supports 'KD is a better LM that generalizes in length')" if lo > 0 else
-                "the KD advantage vanishes without absolute positions in the targets (supports 'positional transfer')")
+        return ("KD still beats CE with position-invariant targets: the advantage does not come from "
+                "absolute-position content in the targets -- supports 'KD is a better LM that generalizes in "
+                "length'" if lo > 0 else
+                "without absolute positions in the targets KD - CE is not distinguishable from 0 -- consistent "
+                "with 'positional transfer'")
     if name == "short_teacher":
-        return ("a teacher that never saw long context gives the same kind of advantage (supports 'better LM')"
-                if lo > 0 else "only the long-context teacher helps (supports 'positional transfer')")
+        return ("a teacher that never saw context beyond the student's documents still gives KD > CE -- "
+                "supports 'KD is a better LM that generalizes in length'" if lo > 0 else
+                "with a short-context teacher KD - CE is not distinguishable from 0: what helps comes from the "
+                "teacher's long-context training, not from any better LM -- consistent with a transfer of "
+                "long-context behaviour")
     if name == "positional_teacher":
-        return ("a teacher whose logits carry absolute position gives a larger advantage (positional "
-                "content can transfer)" if ctrl["difference"] > main["difference"] and lo > mhi else
-                "absolute-position content in the teacher adds nothing measurable over the RoPE-only teacher")
-    return ("the KD advantage survives with these rotary rows frozen" if lo > 0 else
-            "freezing these rotary rows removes the KD advantage (it lives in them)")
+        if lo > main["ci95"][1]:
+            return ("a teacher whose logits carry absolute position gives a larger KD advantage than the "
+                    "RoPE-only teacher -- supports 'positional transfer' when the teacher has positional content")
+        return ("absolute-position content in the teacher's logits adds nothing measurable over the RoPE-only "
+                "teacher (whose targets are offset-invariant): the main advantage needs no positional channel")
+    return ("KD still beats CE with these rotary rows frozen: the advantage does not need them to adapt"
+            if lo > 0 else
+            "with these rotary rows frozen KD - CE is not distinguishable from 0: the advantage goes through them")
+
+
+def main_verdict(main: Optional[dict]) -> str:
+    if main is None:
+        return ""
+    lo, hi = main["ci95"]
+    if lo > 0:
+        return "KD beats CE beyond the document length (the interval excludes 0)."
+    if hi < 0:
+        return "CE beats KD beyond the document length (the interval excludes 0)."
+    return "KD and CE are not distinguishable beyond the document length (the interval includes 0)."
 
 
 def controls_table(groups: Dict[str, List[dict]]) -> Dict[str, dict]:
@@ -117,7 +135,8 @@ def controls_table(groups: Dict[str, List[dict]]) -> Dict[str, dict]:
     out = {}
     main = diff(f"{MAIN_SETUP}/kd", f"{MAIN_SETUP}/ce")
     if main:
-        out["main"] = {**main, "what": f"{MAIN_SETUP}: KD vs CE (RoPE-only teacher at the phase-2 window)"}
+        out["main"] = {**main, "what": f"{MAIN_SETUP}: KD vs CE (RoPE-only teacher at the phase-2 window)",
+                       "verdict": main_verdict(main)}
     for name, (what, arms) in CONTROLS.items():
         ce_key = f"control_{name}/ce" if "ce" in arms else f"{MAIN_SETUP}/ce"
         d = diff(f"control_{name}/kd", ce_key)
@@ -187,8 +206,8 @@ def write_report(root: Path, cfg, results: Dict[str, dict], corpus, timings: dic
     md = format_table(table, extra, cfg)
     lines = [md, "", "KD - CE exact match beyond the document length (paired bootstrap over seeds x samples):"]
     for name, d in controls.items():
-        lines.append(f"- {name}: {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-                     + (f" -- {d['verdict']}" if "verdict" in d else ""))
+        verdict = d.get("verdict") or main_verdict(d)
+        lines.append(f"- {name}: {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] -- {verdict}")
     text = "\n".join(lines)
     png = _plot(groups, cfg, root / "reproduce.png")
     fixed = fixed_keys(groups)

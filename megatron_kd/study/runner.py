@@ -9,10 +9,13 @@ other, through the project's training loop and recipes (``recipes/reproduce/``).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 from megatron_kd.config import load_config
 from megatron_kd.study.spec import CONTROLS, MAIN_SETUP, SETUPS, StudyConfig
@@ -22,6 +25,11 @@ TEACHER_LM_WEIGHT = 1.0  # teacher objective: answer-token CE + this x mean LM C
 DONE = "study_done.json"
 #: a passkey document of n tokens holds needle distances up to n minus this (needle head + answer)
 DISTANCE_MARGIN = 12
+
+
+#: environment of a launcher (torchrun, Slurm, MPI): a worker is a single-rank process of its own
+_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"}
 
 
 class StudyError(RuntimeError):
@@ -34,7 +42,7 @@ class RunSpec:
     recipe: str
     overrides: List[str]
     kind: str  # teacher | phase1 | phase2
-    objective_factory: Optional[Callable] = None
+    teacher_objective: bool = False  # the passkey teacher's own objective instead of the spec's
     eval_bands: bool = True
     meta: Dict[str, object] = field(default_factory=dict)
 
@@ -62,7 +70,7 @@ class Study:
             load_config(str(RECIPES / n))
 
     # ------------------------------------------------------------------ plan
-    def _teacher_runs(self, name: str, recipe: str, tok: str, data: Path, objective) -> List[RunSpec]:
+    def _teacher_runs(self, name: str, recipe: str, tok: str, data: Path) -> List[RunSpec]:
         runs, prev = [], None
         for w, iters, gbs in self.cfg.teacher_stages:
             run = f"{name}/len{w:04d}"
@@ -71,17 +79,16 @@ class Study:
                   f"train.micro_batch_size={max(1, gbs // 2)}"]
             if prev:
                 ov += [f"checkpoint.load={self.root / prev}", "checkpoint.finetune=true"]
-            runs.append(RunSpec(run, recipe, ov, "teacher", objective, eval_bands=(w == self.cfg.teacher_length),
+            runs.append(RunSpec(run, recipe, ov, "teacher", True, eval_bands=(w == self.cfg.teacher_length),
                                 meta={"seq_length": w}))
             prev = run
         return runs
 
     def plan(self, tok: str, data: Path) -> List[RunSpec]:
         c = self.cfg
-        objective = self._teacher_objective(tok)
-        runs = self._teacher_runs("teacher", "teacher.yaml", tok, data, objective)
+        runs = self._teacher_runs("teacher", "teacher.yaml", tok, data)
         if "positional_teacher" in c.controls:
-            runs += self._teacher_runs("teacher_positional", "teacher_positional.yaml", tok, data, objective)
+            runs += self._teacher_runs("teacher_positional", "teacher_positional.yaml", tok, data)
         thetas = sorted({SETUPS[s][0] for s in c.setups})
         common = [f"data.tokenizer_model={tok}"]
         for seed in range(c.seeds):
@@ -136,18 +143,21 @@ class Study:
         run = self.root / spec.name
         extra = [f"train.log_interval={self.cfg.log_interval}"] if self.cfg.log_interval else []
         cfg = load_config(str(RECIPES / spec.recipe), spec.overrides + extra + [f"checkpoint.save={run}"])
+        objective = self._teacher_objective(cfg.data.tokenizer_model) if spec.teacher_objective else None
         t = time.time()
-        train(cfg, overwrite=True, objective_factory=spec.objective_factory)
+        train(cfg, overwrite=True, objective_factory=objective)
         return time.time() - t
 
-    def _execute(self, spec: RunSpec, sets) -> dict:
+    def execute(self, spec: RunSpec, sets) -> dict:
+        """Train and evaluate one run unless its study_done.json exists (then read it)."""
         from megatron_kd.study.evaluate import evaluate_run
 
         run = self.root / spec.name
         done = run / DONE
         if done.exists():
             return json.loads(done.read_text())
-        self.log(f"[study {time.time() - self.t0:7.1f}s] train {spec.name}")
+        if self.cfg.jobs == 1:
+            self.log(f"[study {time.time() - self.t0:7.1f}s] train {spec.name}")
         seconds = self._train(spec)
         result = evaluate_run(run, sets, bands=spec.eval_bands, probe=spec.kind == "phase1")
         result.update(name=spec.name, kind=spec.kind, meta=spec.meta, train_seconds=round(seconds, 1))
@@ -178,13 +188,63 @@ class Study:
         results: Dict[str, dict] = {}
         for kind in ("teacher", "phase1", "phase2"):
             t = time.time()
-            for spec in [s for s in plan if s.kind == kind]:
-                results[spec.name] = self._execute(spec, sets)
+            specs = [s for s in plan if s.kind == kind]
+            # a teacher curriculum is one chain (each stage loads the previous one); the other runs
+            # of a kind are independent of each other
+            tasks = ([[s for s in specs if s.name.split("/")[0] == chain]
+                      for chain in dict.fromkeys(s.name.split("/")[0] for s in specs)]
+                     if kind == "teacher" else [[s] for s in specs])
+            self._run_tasks(tasks, sets)
+            for spec in specs:
+                results[spec.name] = self.execute(spec, sets)  # reads the done marker
             self.timings[kind] = round(time.time() - t, 1)
             if kind == "phase1":
                 self._check_bar([results[s.name] for s in plan if s.kind == "phase1"])
         summary = write_report(self.root, c, results, corpus, self.timings | {"total": round(time.time() - self.t0, 1)})
         return summary
+
+    def _run_tasks(self, tasks: List[List[RunSpec]], sets) -> None:
+        """Each task (a list of runs, in order) to completion: in this process with jobs = 1, else
+        up to ``jobs`` worker processes at once (study/worker.py), each with cores / jobs threads,
+        its output in ``<study>/logs/``."""
+        pending = [t for t in tasks if not all((self.root / s.name / DONE).exists() for s in t)]
+        if self.cfg.jobs == 1:
+            for task in pending:
+                for spec in task:
+                    self.execute(spec, sets)
+            return
+        (self.root / "logs").mkdir(exist_ok=True)
+        threads = max(1, (os.cpu_count() or 1) // max(1, min(self.cfg.jobs, len(pending))))
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        running = []
+        try:
+            while pending or running:
+                while pending and len(running) < self.cfg.jobs:
+                    task = pending.pop(0)
+                    todo = [s for s in task if not (self.root / s.name / DONE).exists()]
+                    log = self.root / "logs" / (todo[0].name.replace("/", "_") + ".log")
+                    for s in todo:
+                        self.log(f"[study {time.time() - self.t0:7.1f}s] train {s.name}")
+                    with open(log, "w") as f:
+                        proc = subprocess.Popen(
+                            [sys.executable, "-m", "megatron_kd.study.worker", str(self.root),
+                             json.dumps([asdict(s) for s in todo])],
+                            stdout=f, stderr=subprocess.STDOUT, env=env)
+                    running.append((proc, todo, log))
+                time.sleep(0.2)
+                for item in [r for r in running if r[0].poll() is not None]:
+                    running.remove(item)
+                    proc, todo, log = item
+                    if proc.returncode != 0:
+                        tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+                        raise StudyError(f"run {todo[0].name} failed (exit {proc.returncode}): "
+                                         f"{tail[0] if tail else ''} -- full log {log}; rerun the same "
+                                         f"command to resume")
+        finally:
+            for proc, _, _ in running:
+                proc.kill()
+                proc.wait()
 
     def _check_bar(self, phase1: List[dict]):
         from megatron_kd.study.evaluate import accuracy

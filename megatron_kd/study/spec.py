@@ -67,6 +67,10 @@ class StudyConfig:
     heldout_lm_seqs: int = 32
     in_distribution_bar: float = 0.8  # phase-1 students must reach it before phase 2 starts
     log_interval: Optional[int] = None  # every run's train.log_interval (None: the recipes')
+    # independent runs trained at once, each in its own process with cores / jobs threads: a
+    # 0.5M-parameter model does not fill two cores (two 1-thread runs: 1.55x the throughput of
+    # one 2-thread run on the 2-core box); 1 = every run in this process, one after the other
+    jobs: int = 2
     preset: str = "default"
 
     # ------------------------------------------------------------------ derived
@@ -108,6 +112,8 @@ class StudyConfig:
                      "phase2_seq_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs: expected >= 1, got {self.jobs}")
         if not 0.0 <= self.in_distribution_bar <= 1.0:
             raise ConfigError(f"--in-distribution-bar: expected 0..1, got {self.in_distribution_bar}")
         if self.teacher_length != self.phase2_seq_length:
@@ -139,6 +145,13 @@ class StudyConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> "StudyConfig":
+        """Inverse of to_dict (JSON turns tuples into lists)."""
+        def tup(v):
+            return tuple(tup(x) for x in v) if isinstance(v, list) else v
+        return cls(**{k: ({b: tup(d) for b, d in v.items()} if k == "distances" else tup(v)) for k, v in raw.items()})
+
 
 def preset(name: str) -> StudyConfig:
     if name == "default":
@@ -147,7 +160,7 @@ def preset(name: str) -> StudyConfig:
         return StudyConfig(
             seeds=2, teacher_stages=((32, 4, 16), (64, 3, 16), (128, 3, 8), (256, 3, 8)),
             phase1_iters=6, phase2_iters=3, phase1_docs=600, phase2_docs=400, samples_per_distance=4,
-            heldout_lm_seqs=4, in_distribution_bar=0.0, log_interval=1, preset="quick")
+            heldout_lm_seqs=4, in_distribution_bar=0.0, log_interval=1, jobs=1, preset="quick")
     if name == "demo":  # one seed of the paper's setup, KD vs CE, no controls
         return StudyConfig(seeds=1, setups=(MAIN_SETUP,), controls=(), samples_per_distance=64,
                            preset="demo")

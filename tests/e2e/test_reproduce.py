@@ -114,10 +114,13 @@ def test_rerun_trains_only_unfinished_runs(study, tmp_path):
     (victim / "study_done.json").unlink()  # as if killed during its training
     shutil.rmtree(victim / "checkpoints")
     before = json.loads((copy / "reproduce_summary.json").read_text())
-    p = _cli("reproduce", "--quick", "--run-dir", copy)
+    # --jobs 2: the run goes to a worker process (study/worker.py), its log under logs/
+    p = _cli("reproduce", "--quick", "--jobs", "2", "--run-dir", copy)
     assert p.returncode == 0, p.stderr[-3000:]
     trained = [line.split("train ", 1)[1] for line in p.stdout.splitlines() if "] train " in line]
     assert trained == ["10k_to_500k/ce/seed1"], trained
+    assert (copy / "logs" / "10k_to_500k_ce_seed1.log").is_file()
+    assert (victim / "study_done.json").is_file()
     after = json.loads((copy / "reproduce_summary.json").read_text())
     assert after["retrieval"]["kd"] == before["retrieval"]["kd"]  # untouched arms read back as they were
 
