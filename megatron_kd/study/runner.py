@@ -3,8 +3,10 @@
 One study directory holds the data, the teachers, the phase-1 students (one per theta x seed), the
 phase-2 students (setup x {KD, CE} x seed, and each control's arms) and the report. Every run is
 complete when its ``study_done.json`` (its evaluation) exists: a killed study reruns only the runs
-without one (their partial directory is replaced). The runs train in this process, one after the
-other, through the project's training loop and recipes (``recipes/reproduce/``).
+without one (their partial directory is replaced); a directory holding a study with other
+settings is refused. The runs train through the project's training loop and recipes
+(``recipes/reproduce/``): in this process one after the other (``jobs=1``), or ``jobs`` at a time
+in worker processes (study/worker.py).
 """
 from __future__ import annotations
 
@@ -52,10 +54,10 @@ def _theta_name(theta: int) -> str:
 
 
 class Study:
-    def __init__(self, cfg: StudyConfig, root: Path, log=print):
+    def __init__(self, cfg: StudyConfig, root: Path, log=None):
         self.cfg = cfg
         self.root = Path(root)
-        self.log = log
+        self.log = log or (lambda msg: print(msg, flush=True))
         self.timings: Dict[str, float] = {}
         cfg.validate(lambda n: n - DISTANCE_MARGIN)
         self._check_recipes()
@@ -173,6 +175,7 @@ class Study:
 
         c = self.cfg
         self.t0 = time.time()
+        self._check_same_study()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "study_config.json").write_text(json.dumps(c.to_dict(), indent=2))
         self.log(f"[study] {self.root}: preset {c.preset}, {c.seeds} seed(s), setups {', '.join(c.setups)}, "
@@ -202,6 +205,25 @@ class Study:
                 self._check_bar([results[s.name] for s in plan if s.kind == "phase1"])
         summary = write_report(self.root, c, results, corpus, self.timings | {"total": round(time.time() - self.t0, 1)})
         return summary
+
+    #: settings that change no trained run: a study may be resumed with other values
+    RESUMABLE_CHANGES = ("jobs", "in_distribution_bar")
+
+    def _check_same_study(self):
+        from megatron_kd.config import ConfigError
+
+        path = self.root / "study_config.json"
+        if not path.exists():
+            if self.root.exists() and any(self.root.iterdir()):
+                raise ConfigError(f"--run-dir {self.root}: not empty and not a study directory; use another")
+            return
+        old = json.loads(path.read_text())
+        new = json.loads(json.dumps(self.cfg.to_dict()))
+        diff = [k for k in new if k not in self.RESUMABLE_CHANGES and old.get(k) != new[k]]
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"--run-dir {self.root} holds a study with other settings ({k}: {old.get(k)} there, "
+                              f"{new[k]} now); resume it with its own settings or use another --run-dir")
 
     def _run_tasks(self, tasks: List[List[RunSpec]], sets) -> None:
         """Each task (a list of runs, in order) to completion: in this process with jobs = 1, else

@@ -162,6 +162,7 @@ def preset(name: str) -> StudyConfig:
             phase1_iters=6, phase2_iters=3, phase1_docs=600, phase2_docs=400, samples_per_distance=4,
             heldout_lm_seqs=4, in_distribution_bar=0.0, log_interval=1, jobs=1, preset="quick")
     if name == "demo":  # one seed of the paper's setup, KD vs CE, no controls
-        return StudyConfig(seeds=1, setups=(MAIN_SETUP,), controls=(), samples_per_distance=64,
+        # in this process (jobs=1): its two phase-2 runs gain less than two workers' start-up costs
+        return StudyConfig(seeds=1, setups=(MAIN_SETUP,), controls=(), samples_per_distance=64, jobs=1,
                            preset="demo")
     raise ConfigError(f"--preset: expected default|quick|demo, got {name!r}")

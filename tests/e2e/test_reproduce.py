@@ -163,3 +163,13 @@ def test_control_switch_without_teacher_names_both_keys(tmp_path):
     line = p.stderr.strip().splitlines()[-1]
     assert "teacher.reset_position_ids" in line and "kd.alpha=0" in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_other_settings_in_the_same_directory_refused(study):
+    root, _ = study
+    before = sorted(p.name for p in root.iterdir())
+    p = _cli("reproduce", "--quick", "--seeds", "3", "--run-dir", root, timeout=120)
+    assert p.returncode == 2
+    line = p.stderr.strip().splitlines()[-1]
+    assert "holds a study with other settings (seeds: 2 there, 3 now)" in line, line
+    assert sorted(p.name for p in root.iterdir()) == before
