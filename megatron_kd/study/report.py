@@ -198,8 +198,12 @@ def format_table(table: Dict[str, Dict[str, dict]], extra: Dict[str, dict], cfg)
     return "\n".join(lines)
 
 
-def write_report(root: Path, cfg, results: Dict[str, dict], corpus, timings: dict) -> dict:
-    groups = _groups(results)
+def write_report(root: Path, cfg, results: Dict[str, dict], corpus, timings: dict,
+                 replaced: Optional[Dict[str, float]] = None) -> dict:
+    """``replaced``: phase-1 runs below the in-distribution bar (replaced by spare seeds): listed,
+    left out of the arms."""
+    replaced = replaced or {}
+    groups = _groups({k: v for k, v in results.items() if k not in replaced})
     table = retrieval_table(groups)
     extra = {arm: {"heldout_loss": _mean([r.get("heldout_loss") for r in runs]),
                    "train_lm_loss": _mean([r.get("train_lm_loss") for r in runs]) if runs[0]["kind"] == "phase2" else None}
@@ -213,6 +217,9 @@ def write_report(root: Path, cfg, results: Dict[str, dict], corpus, timings: dic
         w = d["beyond_window"]
         lines.append(f"- {name}: {d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] -- {verdict} "
                      f"(beyond the window: {w['difference']:+.3f} [{w['ci95'][0]:+.3f}, {w['ci95'][1]:+.3f}])")
+    if replaced:
+        lines.append("Phase-1 runs below the in-distribution bar, replaced by spare seeds (both arms): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in replaced.items()))
     text = "\n".join(lines)
     png = _plot(groups, cfg, root / "reproduce.png")
     fixed = fixed_keys(groups)
@@ -225,6 +232,7 @@ def write_report(root: Path, cfg, results: Dict[str, dict], corpus, timings: dic
         "phase1_in_distribution": {r["name"]: sum(x for v in r["phase1_probe"].values() for x in v)
                                    / max(sum(len(v) for v in r["phase1_probe"].values()), 1)
                                    for r in results.values() if r["kind"] == "phase1"},
+        "phase1_below_bar_replaced": replaced,
         "runs": len(results), "seconds": timings, "png": str(png), "table_markdown": md,
     }
     (root / "reproduce_summary.json").write_text(json.dumps(summary, indent=2))

@@ -86,41 +86,51 @@ class Study:
             prev = run
         return runs
 
-    def plan(self, tok: str, data: Path) -> List[RunSpec]:
-        c = self.cfg
+    def teacher_runs(self, tok: str, data: Path) -> List[RunSpec]:
         runs = self._teacher_runs("teacher", "teacher.yaml", tok, data)
-        if "positional_teacher" in c.controls:
+        if "positional_teacher" in self.cfg.controls:
             runs += self._teacher_runs("teacher_positional", "teacher_positional.yaml", tok, data)
-        thetas = sorted({SETUPS[s][0] for s in c.setups})
-        common = [f"data.tokenizer_model={tok}"]
-        for seed in range(c.seeds):
-            sd = [f"train.seed={1234 + seed}", f"data.seed={1234 + seed}"]
-            for th in thetas:
-                runs.append(RunSpec(
-                    f"phase1_theta{_theta_name(th)}/seed{seed}", "phase1.yaml",
-                    common + sd + [f"data.data_path={data / 'phase1'}", f"model.rotary_base={th}",
-                                   f"data.seq_length={c.phase1_seq_length}", f"train.train_iters={c.phase1_iters}",
-                                   f"train.global_batch_size={c.phase1_global_batch_size}",
-                                   f"train.micro_batch_size={c.phase1_global_batch_size // 2}"],
-                    "phase1", meta={"theta": th, "seed": seed}))
+        return runs
+
+    def thetas(self) -> List[int]:
+        """Phase-1 thetas the setups need."""
+        return sorted({SETUPS[s][0] for s in self.cfg.setups})
+
+    def phase1_run(self, tok: str, data: Path, theta: int, seed: int) -> RunSpec:
+        c = self.cfg
+        return RunSpec(
+            f"phase1_theta{_theta_name(theta)}/seed{seed}", "phase1.yaml",
+            [f"data.tokenizer_model={tok}", f"train.seed={1234 + seed}", f"data.seed={1234 + seed}",
+             f"data.data_path={data / 'phase1'}", f"model.rotary_base={theta}",
+             f"data.seq_length={c.phase1_seq_length}", f"train.train_iters={c.phase1_iters}",
+             f"train.global_batch_size={c.phase1_global_batch_size}",
+             f"train.micro_batch_size={c.phase1_global_batch_size // 2}"],
+            "phase1", meta={"theta": theta, "seed": seed})
+
+    def phase2_runs(self, tok: str, data: Path, seeds: Dict[int, List[int]]) -> List[RunSpec]:
+        """``seeds``: phase-1 theta -> the seeds whose phase 1 passed the bar (one per slot)."""
+        c = self.cfg
         teacher = self.root / "teacher" / f"len{c.teacher_length:04d}"
 
         def phase2(name, recipe, setup, seed, arm, extra=()):
             th1, th2 = SETUPS[setup]
-            ov = common + [f"train.seed={1234 + seed}", f"data.seed={1234 + seed}",
-                           f"data.data_path={data / 'phase2'}", f"data.seq_length={c.phase2_seq_length}",
-                           f"model.rotary_base={th2}", f"train.train_iters={c.phase2_iters}",
-                           f"train.global_batch_size={c.phase2_global_batch_size}",
-                           f"train.micro_batch_size={c.phase2_global_batch_size // 2}",
-                           f"checkpoint.load={self.root / f'phase1_theta{_theta_name(th1)}' / f'seed{seed}'}",
-                           f"teacher.load={teacher}", f"kd.alpha={c.kd_alpha if arm == 'kd' else 0.0}"]
+            ov = [f"data.tokenizer_model={tok}", f"train.seed={1234 + seed}", f"data.seed={1234 + seed}",
+                  f"data.data_path={data / 'phase2'}", f"data.seq_length={c.phase2_seq_length}",
+                  f"model.rotary_base={th2}", f"train.train_iters={c.phase2_iters}",
+                  f"train.global_batch_size={c.phase2_global_batch_size}",
+                  f"train.micro_batch_size={c.phase2_global_batch_size // 2}",
+                  f"checkpoint.load={self.root / f'phase1_theta{_theta_name(th1)}' / f'seed{seed}'}",
+                  f"teacher.load={teacher}", f"kd.alpha={c.kd_alpha if arm == 'kd' else 0.0}"]
             return RunSpec(f"{name}/{arm}/seed{seed}", recipe, ov + list(extra), "phase2",
                            meta={"setup": setup, "arm": arm, "seed": seed, "group": name})
 
-        for seed in range(c.seeds):
+        runs = []
+        for slot in range(c.seeds):
             for setup in c.setups:
+                seed = seeds[SETUPS[setup][0]][slot]
                 for arm in ("kd", "ce"):
                     runs.append(phase2(setup, f"phase2_{arm}.yaml", setup, seed, arm))
+            seed = seeds[SETUPS[MAIN_SETUP][0]][slot] if c.controls else None
             for ctrl in c.controls:
                 extra = []
                 if ctrl == "positional_teacher":
@@ -187,23 +197,26 @@ class Study:
                               c.passkey_fraction, log=self.log)
         sets = build_eval_sets(c, corpus)
         self.timings["data"] = round(time.time() - t, 1)
-        plan = self.plan(corpus.tokenizer, corpus.root)
+        tok, data = corpus.tokenizer, corpus.root
         results: Dict[str, dict] = {}
-        for kind in ("teacher", "phase1", "phase2"):
-            t = time.time()
-            specs = [s for s in plan if s.kind == kind]
-            # a teacher curriculum is one chain (each stage loads the previous one); the other runs
-            # of a kind are independent of each other
-            tasks = ([[s for s in specs if s.name.split("/")[0] == chain]
-                      for chain in dict.fromkeys(s.name.split("/")[0] for s in specs)]
-                     if kind == "teacher" else [[s] for s in specs])
-            self._run_tasks(tasks, sets)
-            for spec in specs:
-                results[spec.name] = self.execute(spec, sets)  # reads the done marker
-            self.timings[kind] = round(time.time() - t, 1)
-            if kind == "phase1":
-                self._check_bar([results[s.name] for s in plan if s.kind == "phase1"])
-        summary = write_report(self.root, c, results, corpus, self.timings | {"total": round(time.time() - self.t0, 1)})
+        t = time.time()
+        teachers = self.teacher_runs(tok, data)
+        # a teacher curriculum is one chain (each stage loads the previous one)
+        self._run_tasks([[s for s in teachers if s.name.split("/")[0] == chain]
+                         for chain in dict.fromkeys(s.name.split("/")[0] for s in teachers)], sets)
+        results.update({s.name: self.execute(s, sets) for s in teachers})  # read back the done markers
+        self.timings["teacher"] = round(time.time() - t, 1)
+        t = time.time()
+        seeds, phase1 = self._phase1(tok, data, sets)
+        results.update(phase1)
+        self.timings["phase1"] = round(time.time() - t, 1)
+        t = time.time()
+        phase2 = self.phase2_runs(tok, data, seeds)
+        self._run_tasks([[s] for s in phase2], sets)
+        results.update({s.name: self.execute(s, sets) for s in phase2})
+        self.timings["phase2"] = round(time.time() - t, 1)
+        summary = write_report(self.root, c, results, corpus, self.timings | {"total": round(time.time() - self.t0, 1)},
+                               replaced=self.replaced)
         return summary
 
     #: settings that change no trained run: a study may be resumed with other values
@@ -268,18 +281,45 @@ class Study:
                 proc.kill()
                 proc.wait()
 
-    def _check_bar(self, phase1: List[dict]):
+    def _phase1(self, tok: str, data: Path, sets):
+        """Phase 1 for every theta x seed, checked against the in-distribution bar. A seed whose
+        phase 1 stays below it (the retrieval phase change comes at a seed-dependent step) is
+        replaced by the next spare seed -- the same one for the KD and the CE arm, so the
+        comparison stays paired -- at most ``seeds`` spares per theta; then the study stops with
+        the measured numbers. Returns ({theta: seeds used}, {run name: result})."""
         from megatron_kd.study.evaluate import accuracy
 
-        accs = {r["name"]: accuracy(r["phase1_probe"]) for r in phase1}
-        line = ", ".join(f"{k} {v:.2f}" for k, v in accs.items())
-        self.log(f"  phase-1 in-distribution exact match ({self.cfg.phase1_seq_length - 1}-token documents): {line}")
-        low = {k: v for k, v in accs.items() if v < self.cfg.in_distribution_bar}
-        if low:
-            raise StudyError(
-                f"phase 1 did not reach the in-distribution bar {self.cfg.in_distribution_bar:.2f} after "
-                f"{self.cfg.phase1_iters} steps ({', '.join(f'{k} {v:.2f}' for k, v in low.items())}; chance "
-                f"0.06): a table past this point would compare chance with chance. Raise --phase1-iters "
-                f"(2,000 reach it, docs/reproduce.md) or lower --in-distribution-bar; finished runs are kept")
-        if self.cfg.in_distribution_bar == 0:
+        c = self.cfg
+        seeds = {th: list(range(c.seeds)) for th in self.thetas()}
+        spare = {th: c.seeds for th in seeds}
+        results, failed = {}, {}
+        while True:
+            specs = [self.phase1_run(tok, data, th, s) for th, ss in seeds.items() for s in ss]
+            self._run_tasks([[s] for s in specs], sets)
+            low = []
+            for spec in specs:
+                r = results[spec.name] = self.execute(spec, sets)
+                acc = accuracy(r["phase1_probe"])
+                if acc < c.in_distribution_bar:
+                    low.append((spec.meta["theta"], spec.meta["seed"], spec.name, acc))
+            self.log(f"  phase-1 in-distribution exact match ({c.phase1_seq_length - 1}-token documents): "
+                     + ", ".join(f"{s.name} {accuracy(results[s.name]['phase1_probe']):.2f}" for s in specs))
+            if not low:
+                break
+            for th, seed, name, acc in low:
+                failed[name] = acc
+                if spare[th] >= 2 * c.seeds:
+                    raise StudyError(
+                        f"phase 1 did not reach the in-distribution bar {c.in_distribution_bar:.2f} after "
+                        f"{c.phase1_iters} steps ({', '.join(f'{k} {v:.2f}' for k, v in failed.items())}; chance "
+                        f"0.06; spare seeds used up): a table past this point would compare chance with chance. "
+                        f"Raise --phase1-iters (2,000 reach it, docs/reproduce.md) or lower --in-distribution-bar; "
+                        f"finished runs are kept")
+                seeds[th][seeds[th].index(seed)] = spare[th]
+                self.log(f"  {name}: {acc:.2f} < bar {c.in_distribution_bar:.2f}: replaced by seed {spare[th]} "
+                         f"(both arms)")
+                spare[th] += 1
+        if c.in_distribution_bar == 0:
             self.log("  (in-distribution bar off: this preset checks the pipeline, not the science)")
+        self.replaced = failed
+        return seeds, results
