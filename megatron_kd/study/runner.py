@@ -285,14 +285,17 @@ class Study:
         """Phase 1 for every theta x seed, checked against the in-distribution bar. A seed whose
         phase 1 stays below it (the retrieval phase change comes at a seed-dependent step) is
         replaced by the next spare seed -- the same one for the KD and the CE arm, so the
-        comparison stays paired -- at most ``seeds`` spares per theta; then the study stops with
-        the measured numbers. Returns ({theta: seeds used}, {run name: result})."""
+        comparison stays paired -- at most ``seeds`` spares per theta. When more than half of the
+        first runs miss the bar, the budget is the problem, not a seed: the study stops at once, as
+        it does when the spares run out, with the measured numbers.
+        Returns ({theta: seeds used}, {run name: result})."""
         from megatron_kd.study.evaluate import accuracy
 
         c = self.cfg
         seeds = {th: list(range(c.seeds)) for th in self.thetas()}
         spare = {th: c.seeds for th in seeds}
         results, failed = {}, {}
+        first = True
         while True:
             specs = [self.phase1_run(tok, data, th, s) for th, ss in seeds.items() for s in ss]
             self._run_tasks([[s] for s in specs], sets)
@@ -306,15 +309,19 @@ class Study:
                      + ", ".join(f"{s.name} {accuracy(results[s.name]['phase1_probe']):.2f}" for s in specs))
             if not low:
                 break
+            budget = first and 2 * len(low) > len(specs)
+            first = False
+            failed.update({name: acc for _, _, name, acc in low})
+            need = {th: sum(1 for x in low if x[0] == th) for th, _, _, _ in low}
+            if budget or any(spare[th] + n > 2 * c.seeds for th, n in need.items()):
+                why = f"{len(low)} of {len(specs)} runs" if budget else "spare seeds used up"
+                raise StudyError(
+                    f"phase 1 did not reach the in-distribution bar {c.in_distribution_bar:.2f} after "
+                    f"{c.phase1_iters} steps ({', '.join(f'{k} {v:.2f}' for k, v in failed.items())}; "
+                    f"chance 0.06; {why}): a table past this point would compare chance with chance. "
+                    f"Raise --phase1-iters (2,000 reach it, docs/reproduce.md) or lower --in-distribution-bar; "
+                    f"finished runs are kept")
             for th, seed, name, acc in low:
-                failed[name] = acc
-                if spare[th] >= 2 * c.seeds:
-                    raise StudyError(
-                        f"phase 1 did not reach the in-distribution bar {c.in_distribution_bar:.2f} after "
-                        f"{c.phase1_iters} steps ({', '.join(f'{k} {v:.2f}' for k, v in failed.items())}; chance "
-                        f"0.06; spare seeds used up): a table past this point would compare chance with chance. "
-                        f"Raise --phase1-iters (2,000 reach it, docs/reproduce.md) or lower --in-distribution-bar; "
-                        f"finished runs are kept")
                 seeds[th][seeds[th].index(seed)] = spare[th]
                 self.log(f"  {name}: {acc:.2f} < bar {c.in_distribution_bar:.2f}: replaced by seed {spare[th]} "
                          f"(both arms)")

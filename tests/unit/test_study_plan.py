@@ -53,6 +53,16 @@ def test_spares_used_up_stops_with_the_numbers(tmp_path):
     assert "phase1_theta10k/seed0 0.05" in msg and "phase1_theta10k/seed1 0.10" in msg and "--phase1-iters" in msg
 
 
+def test_most_runs_below_the_bar_is_a_budget_problem_no_spares(tmp_path):
+    acc = {(th, s): 0.04 for th in (10_000, 500_000) for s in range(3)}
+    acc[(10_000, 1)] = 0.9
+    s = FakeStudy(_cfg(), tmp_path, acc)
+    with pytest.raises(StudyError) as e:
+        s._phase1("tok", Path("data"), None)
+    assert "5 of 6 runs" in str(e.value) and "phase1_theta500k/seed2 0.04" in str(e.value)
+    assert len(s.trained) == 6  # no spare trained
+
+
 def test_bar_off_keeps_every_seed(tmp_path):
     s = FakeStudy(_cfg(in_distribution_bar=0.0), tmp_path, {(10_000, 0): 0.0})
     seeds, _ = s._phase1("tok", Path("data"), None)
