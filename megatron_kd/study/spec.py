@@ -68,7 +68,7 @@ class StudyConfig:
     in_distribution_bar: float = 0.8  # phase-1 students must reach it before phase 2 starts
     log_interval: Optional[int] = None  # every run's train.log_interval (None: the recipes')
     # independent runs trained at once, each in its own process with cores / jobs threads: a
-    # 0.5M-parameter model does not fill two cores (two 1-thread runs: 1.55x the throughput of
+    # 0.5M-parameter model does not fill two cores (two 1-thread runs: 1.52x the throughput of
     # one 2-thread run on the 2-core box); 1 = every run in this process, one after the other
     jobs: int = 2
     preset: str = "default"
