@@ -319,7 +319,8 @@ class Study:
                     f"phase 1 did not reach the in-distribution bar {c.in_distribution_bar:.2f} after "
                     f"{c.phase1_iters} steps ({', '.join(f'{k} {v:.2f}' for k, v in failed.items())}; "
                     f"chance 0.06; {why}): a table past this point would compare chance with chance. "
-                    f"Raise --phase1-iters (2,000 reach it, docs/reproduce.md) or lower --in-distribution-bar; "
+                    f"Raise --phase1-iters (demo: --train-iters; 2,000 reach it, docs/reproduce.md) or lower "
+                    f"--in-distribution-bar; "
                     f"finished runs are kept")
             for th, seed, name, acc in low:
                 seeds[th][seeds[th].index(seed)] = spare[th]
