@@ -51,7 +51,8 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False, study=None,
     t0 = time.time()
     study_obj = Study(cfg, root)  # validates the plan before anything is written
     res = study_obj.run()
-    arms = {k: root / _first_run(root, a) for k, a in model_arms().items()}
+    arms = {k: root / (f"teacher/len{cfg.teacher_length:04d}" if a == "teacher" else f"{a}/seed0")
+            for k, a in model_arms().items()}  # the teacher's last curriculum stage, the first seed
     timings = dict(res["seconds"])
     long_table = None
     if long_context_eval:
@@ -95,13 +96,6 @@ def run_demo(run_dir: str = "runs/demo", overwrite: bool = False, study=None,
         print(f"\n== demo long-context eval (megatron-kd eval code; heatmaps in {root / 'eval'}):\n{long_table}")
     print(f"\n  stage seconds: {json.dumps(timings)}\n  summary: {root / 'demo_summary.json'}; plot: {res['png']}")
     return summary
-
-
-def _first_run(root: Path, arm: str) -> str:
-    """The run directory of an arm's first seed (the teacher: its last curriculum stage)."""
-    if arm == "teacher":
-        return str(sorted((root / "teacher").glob("len*"))[-1].relative_to(root))
-    return f"{arm}/seed0"
 
 
 def reduced(scale: float, samples: int = 8, seeds: int = 1):

@@ -291,37 +291,6 @@ def score_model(model, vocab_size: int, eval_set: Dict[int, List[PasskeyDoc]],
     return {"accuracy": acc, "heldout_loss": heldout_loss(model, vocab_size, heldout_ids, batch_size)}
 
 
-def evaluate_runs(runs: Dict[str, str], eval_set: Dict[int, List[PasskeyDoc]],
-                  heldout_ids: Sequence[Sequence[int]], vocab_size: int, seq_length: int) -> dict:
-    """Score each run dir's latest checkpoint: {name: score_model(...) | {"rotary_base": θ}}."""
-    from megatron_kd import distributed
-
-    out = {}
-    distributed.init_distributed()
-    try:
-        for name, run_dir in runs.items():
-            model, cfg = load_model(run_dir, seq_length)
-            out[name] = score_model(model, vocab_size, eval_set, heldout_ids)
-            out[name]["rotary_base"] = cfg.model.rotary_base
-            del model
-    finally:
-        distributed.destroy()
-    return out
-
-
-def format_table(results: dict, chance: Optional[float] = None) -> str:
-    names = list(results)
-    distances = sorted({d for r in results.values() for d in r["accuracy"]})
-    w = max(12, *(len(n) + 2 for n in names))
-    lines = ["passkey exact match by needle->question distance (tokens)"
-             + (f"; chance {chance:.3f}" if chance else "")]
-    lines.append("distance".ljust(10) + "".join(n.rjust(w) for n in names))
-    for d in distances:
-        lines.append(str(d).ljust(10) + "".join(f"{results[n]['accuracy'][d]:.2f}".rjust(w) for n in names))
-    lines.append("heldout LM".ljust(10) + "".join(f"{results[n]['heldout_loss']:.3f}".rjust(w) for n in names))
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------ teacher objective
 def answer_mask(tokens, question_ids: Sequence[int], key_len: int):
     """``[b, s]`` float32: 1 at the positions whose *label* is an answer key token, i.e. the last

@@ -21,9 +21,9 @@ class DistillationObjective:
 
     def forward_step(self, data_iterator, model):
         batch = batch_to_device(next(data_iterator), self.device)
-        extra = {"teacher_position_ids": batch["teacher_position_ids"]} if "teacher_position_ids" in batch else {}
         output = model(batch["tokens"], batch["position_ids"], attention_mask_for_batch(batch),
-                       labels=batch["labels"], loss_mask=batch["loss_mask"], **extra)
+                       labels=batch["labels"], loss_mask=batch["loss_mask"],
+                       teacher_position_ids=batch.get("teacher_position_ids"))  # the reset-position control
         return output, partial(self.loss_func, batch["loss_mask"])
 
     def loss_func(self, loss_mask, output):

@@ -36,9 +36,6 @@ class StudyCorpus:
     heldout: List[str]  # evaluation filler (never in a training corpus)
     stats: Dict[str, dict]  # corpus name -> preprocess summary (docs, tokens, doc_tokens)
 
-    def path(self, name: str) -> Path:
-        return self.root / name
-
     @property
     def longest_phase2_document(self) -> int:
         """Tokens of the longest phase-2 document, its EOS included."""

@@ -31,6 +31,29 @@ def build_eval_sets(cfg, corpus) -> EvalSets:
     return EvalSets(bands, probe, lm, tok.vocab_size, 2 * cfg.phase2_seq_length)
 
 
+def save_eval_sets(sets: EvalSets, path: Path) -> None:
+    """The sets as JSON (token ids and positions; the text is not needed to score), so a worker
+    process reads them instead of re-reading the corpus and regenerating them."""
+    def docs(per_d):
+        return {str(d): [[x.ids, x.key, x.needle_pos, x.answer_pos, x.key_len] for x in v] for d, v in per_d.items()}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"bands": {b: docs(v) for b, v in sets.bands.items()},
+                               "phase1_probe": docs(sets.phase1_probe), "heldout_ids": sets.heldout_ids,
+                               "vocab_size": sets.vocab_size, "max_length": sets.max_length}))
+    tmp.replace(path)
+
+
+def load_eval_sets(path: Path) -> EvalSets:
+    from megatron_kd.eval.passkey import PasskeyDoc
+
+    raw = json.loads(Path(path).read_text())
+
+    def docs(per_d):
+        return {int(d): [PasskeyDoc("", ids, key, n, a, k) for ids, key, n, a, k in v] for d, v in per_d.items()}
+    return EvalSets({b: docs(v) for b, v in raw["bands"].items()}, docs(raw["phase1_probe"]), raw["heldout_ids"],
+                    raw["vocab_size"], raw["max_length"])
+
+
 def _last_logged(run: Path, key: str, n: int = 3):
     path = Path(run) / "logs" / "metrics.jsonl"
     if not path.exists():

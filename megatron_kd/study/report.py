@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from megatron_kd.study.spec import BANDS, CONTROLS, MAIN_SETUP, SETUPS
+from megatron_kd.study.spec import BANDS, CONTROLS, MAIN_SETUP, SETUPS, phase1_arm
 from megatron_kd.study.stats import cell_summary, difference
 
 CHANCE = 1 / 16
@@ -45,27 +45,32 @@ def retrieval_table(groups: Dict[str, List[dict]]) -> Dict[str, Dict[str, dict]]
 
 def model_arms(setup: str = MAIN_SETUP) -> Dict[str, str]:
     """The fixed summary keys (teacher, phase1, kd, ce) -> the arms of ``setup`` they name."""
-    return {"teacher": "teacher", "phase1": f"phase1_theta{SETUPS[setup][0] // 1000}k",
+    return {"teacher": "teacher", "phase1": phase1_arm(SETUPS[setup][0]),
             "kd": f"{setup}/kd", "ce": f"{setup}/ce"}
 
 
-def fixed_keys(groups: Dict[str, List[dict]], setup: str = MAIN_SETUP) -> dict:
+_FIXED = ("exact_match", "ci95", "n")
+
+
+def fixed_keys(groups: Dict[str, List[dict]], table: Dict[str, Dict[str, dict]], setup: str = MAIN_SETUP) -> dict:
     """``{"pooled": {model: {band: cell}}, "per_seed": [{"seed": s, model: {band: cell}}]}`` for
-    model in teacher / phase1 / kd / ce (the one teacher appears in every seed)."""
+    model in teacher / phase1 / kd / ce (the one teacher appears in every seed); ``table`` is
+    retrieval_table(groups), whose pooled cells are reused."""
     arms = {k: a for k, a in model_arms(setup).items() if a in groups}
-    pooled = {k: {b: cell_summary([_band_outcomes(r, b) for r in groups[a]]) for b in BANDS} for k, a in arms.items()}
+
+    def fixed(cell):
+        return {key: cell[key] for key in _FIXED}
+
     seeds = sorted({r["meta"]["seed"] for a in arms.values() for r in groups[a] if "seed" in r.get("meta", {})})
     per_seed = []
     for sd in seeds:
         row = {"seed": sd}
         for k, a in arms.items():
             runs = [r for r in groups[a] if r.get("meta", {}).get("seed", sd) == sd]
-            row[k] = {b: {key: v for key, v in cell_summary([_band_outcomes(r, b) for r in runs]).items()
-                          if key in ("exact_match", "ci95", "n")} for b in BANDS}
+            row[k] = {b: fixed(cell_summary([_band_outcomes(r, b) for r in runs])) for b in BANDS}
         per_seed.append(row)
-    strip = {k: {b: {key: v for key, v in c.items() if key in ("exact_match", "ci95", "n")} for b, c in cells.items()}
-             for k, cells in pooled.items()}
-    return {"pooled": strip, "per_seed": per_seed}
+    pooled = {k: {b: fixed(table[a][b]) for b in BANDS} for k, a in arms.items()}
+    return {"pooled": pooled, "per_seed": per_seed}
 
 
 def _mean(xs):
@@ -222,7 +227,7 @@ def write_report(root: Path, cfg, results: Dict[str, dict], corpus, timings: dic
                      + ", ".join(f"{k} {v:.2f}" for k, v in replaced.items()))
     text = "\n".join(lines)
     png = _plot(groups, cfg, root / "reproduce.png")
-    fixed = fixed_keys(groups)
+    fixed = fixed_keys(groups, table)
     summary = {
         "preset": cfg.preset, "config": cfg.to_dict(), "chance": CHANCE,
         "longest_phase2_document_tokens": corpus.longest_phase2_document,

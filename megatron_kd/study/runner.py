@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Dict, List
 
 from megatron_kd.config import load_config
-from megatron_kd.study.spec import CONTROLS, MAIN_SETUP, SETUPS, StudyConfig
+from megatron_kd.study.spec import CONTROLS, MAIN_SETUP, SETUPS, StudyConfig, phase1_arm
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "reproduce"
 TEACHER_LM_WEIGHT = 1.0  # teacher objective: answer-token CE + this x mean LM CE
 DONE = "study_done.json"
+EVAL_SETS = "eval_sets.json"
 #: a passkey document of n tokens holds needle distances up to n minus this (needle head + answer)
 DISTANCE_MARGIN = 12
 
@@ -47,10 +48,6 @@ class RunSpec:
     teacher_objective: bool = False  # the passkey teacher's own objective instead of the spec's
     eval_bands: bool = True
     meta: Dict[str, object] = field(default_factory=dict)
-
-
-def _theta_name(theta: int) -> str:
-    return f"{theta // 1000}k"
 
 
 class Study:
@@ -99,7 +96,7 @@ class Study:
     def phase1_run(self, tok: str, data: Path, theta: int, seed: int) -> RunSpec:
         c = self.cfg
         return RunSpec(
-            f"phase1_theta{_theta_name(theta)}/seed{seed}", "phase1.yaml",
+            f"{phase1_arm(theta)}/seed{seed}", "phase1.yaml",
             [f"data.tokenizer_model={tok}", f"train.seed={1234 + seed}", f"data.seed={1234 + seed}",
              f"data.data_path={data / 'phase1'}", f"model.rotary_base={theta}",
              f"data.seq_length={c.phase1_seq_length}", f"train.train_iters={c.phase1_iters}",
@@ -119,7 +116,7 @@ class Study:
                   f"model.rotary_base={th2}", f"train.train_iters={c.phase2_iters}",
                   f"train.global_batch_size={c.phase2_global_batch_size}",
                   f"train.micro_batch_size={c.phase2_global_batch_size // 2}",
-                  f"checkpoint.load={self.root / f'phase1_theta{_theta_name(th1)}' / f'seed{seed}'}",
+                  f"checkpoint.load={self.root / phase1_arm(th1) / f'seed{seed}'}",
                   f"teacher.load={teacher}", f"kd.alpha={c.kd_alpha if arm == 'kd' else 0.0}"]
             return RunSpec(f"{name}/{arm}/seed{seed}", recipe, ov + list(extra), "phase2",
                            meta={"setup": setup, "arm": arm, "seed": seed, "group": name})
@@ -180,7 +177,7 @@ class Study:
 
     def run(self) -> dict:
         from megatron_kd.study.corpus import build_corpus
-        from megatron_kd.study.evaluate import build_eval_sets
+        from megatron_kd.study.evaluate import build_eval_sets, save_eval_sets
         from megatron_kd.study.report import write_report
 
         c = self.cfg
@@ -196,6 +193,7 @@ class Study:
                               c.phase1_seq_length, c.phase1_docs, c.phase2_doc_tokens, c.phase2_docs,
                               c.passkey_fraction, log=self.log)
         sets = build_eval_sets(c, corpus)
+        save_eval_sets(sets, self.root / EVAL_SETS)  # what worker processes score with
         self.timings["data"] = round(time.time() - t, 1)
         tok, data = corpus.tokenizer, corpus.root
         results: Dict[str, dict] = {}

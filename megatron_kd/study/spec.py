@@ -36,6 +36,11 @@ CONTROLS = {
 BANDS = ("in_distribution", "beyond_document", "beyond_window")
 
 
+def phase1_arm(theta: int) -> str:
+    """The phase-1 arm (and run directory) of a theta: ``phase1_theta10k``."""
+    return f"phase1_theta{theta // 1000}k"
+
+
 @dataclass
 class StudyConfig:
     seeds: int = 3

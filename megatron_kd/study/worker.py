@@ -13,16 +13,15 @@ from pathlib import Path
 def main(argv) -> int:
     import torch
 
-    from megatron_kd.study.corpus import load_corpus
-    from megatron_kd.study.evaluate import build_eval_sets
-    from megatron_kd.study.runner import RunSpec, Study
+    from megatron_kd.study.evaluate import load_eval_sets
+    from megatron_kd.study.runner import EVAL_SETS, RunSpec, Study
     from megatron_kd.study.spec import StudyConfig
 
     root, runs = Path(argv[0]), [RunSpec(**r) for r in json.loads(argv[1])]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = StudyConfig.from_dict(json.loads((root / "study_config.json").read_text()))
     study = Study(cfg, root)
-    sets = build_eval_sets(cfg, load_corpus(root / "data"))
+    sets = load_eval_sets(root / EVAL_SETS)  # written by the parent: the same for every run
     study.t0 = time.time()
     for spec in runs:
         study.execute(spec, sets)
