@@ -39,6 +39,10 @@ def make_logits(seed: int, dtype=torch.float32, ties: bool = False):
     return student.to(dtype), teacher.to(dtype), upstream
 
 
+def _log_or_inf(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
 def reference_kd(student, teacher, *, vocab_size, temperature=1.0, scale_by_t_squared=True,
                  divergence="forward_kl", beta=0.5, top_k=None):
     """float64, full vocab, no sharding: the definitions of megatron_kd/kd/losses.py, plainly."""
@@ -59,8 +63,9 @@ def reference_kd(student, teacher, *, vocab_size, temperature=1.0, scale_by_t_sq
     elif divergence == "reverse_kl":
         d = p * (log_p - log_q)
     else:
-        m = beta * q + (1 - beta) * p
-        log_m = torch.where(support, m, 1.0).log()
+        # log m by logaddexp: m = beta q + (1 - beta) p underflows to 0 in float64 at |z/T| ~ 1e3
+        log_m = torch.logaddexp(log_q + _log_or_inf(beta), log_p + _log_or_inf(1 - beta))
+        log_m = torch.where(support, log_m, 0.0)
         d = (1 - beta) * q * (log_q - log_m) + beta * p * (log_p - log_m)
     loss = torch.where(support, d, 0.0).sum(-1)
     return loss * (temperature ** 2 if scale_by_t_squared else 1.0)
