@@ -19,16 +19,16 @@ Definitions, per token, with ``p = softmax(z / T)`` over the unpadded vocab:
   outside ``K`` get no gradient (the selection is piecewise constant).
 * ``forward_kl``: ``KL(q || p_S) = sum_K q (log q - log p_S)``   (Hinton KD; the default).
 * ``reverse_kl``: ``sum_K p_S (log p_S - log q)``                 (``= KL(p_S || p_T)`` without top-k).
-* ``jsd`` (generalised/skew Jensen-Shannon, weight ``beta``)::
+* ``jsd`` (generalised Jensen-Shannon, weight ``beta``), TRL's ``generalized_jsd_loss`` and
+  Liger-Kernel's JSD convention, so a recipe ported from them means the same loss::
 
       m      = beta * q + (1 - beta) * p_S
-      JSD_b  = (1 - beta) * sum_K q (log q - log m)  +  beta * sum_K p_S (log p_S - log m)
+      JSD_b  = beta * sum_K q (log q - log m)  +  (1 - beta) * sum_K p_S (log p_S - log m)
 
-  so ``beta = 0`` is exactly ``forward_kl`` (m = p_S) and ``beta = 1`` exactly ``reverse_kl``
-  (m = q), continuously in ``beta``; ``beta = 0.5`` is the usual JSD. TRL's GKD and Liger's JSD use
-  the same mixture ``m`` but the weights swapped (``beta * KL(q||m) + (1-beta) * KL(p_S||m)``),
-  which tends to 0 at both ends, so they special-case ``beta in {0, 1}`` to forward/reverse KL.
-  The two conventions agree at ``beta in {0, 0.5, 1}`` and differ in between.
+  ``beta = 0.5`` is the usual JSD. The expression tends to 0 at both ends (m becomes p_S or q), so,
+  as they do, ``beta = 0`` *is* ``forward_kl`` and ``beta = 1`` *is* ``reverse_kl`` (special-cased).
+  (Sessions before 7 weighted the two terms the other way round, which is continuous at the ends
+  but gives a different loss under the same name for 0 < beta < 1, beta != 0.5.)
 
 The per-token loss is ``T**2 * D`` (``scale_by_t_squared``, Hinton's gradient-scale correction)
 or ``D``, in fp32, replicated on every TP rank (like megatron's vocab-parallel CE).
@@ -136,25 +136,30 @@ class VocabParallelKD:
         return (shifted - global_sum_exp.log().unsqueeze(-1)).masked_fill(~support, -math.inf)
 
     @staticmethod
-    def _log_mixtures(log_p: torch.Tensor, log_q: torch.Tensor, beta: float):
-        """JSD mixtures in log space: m = beta*q + (1-beta)*p and the crossed n = (1-beta)*q + beta*p."""
-        log_b, log_1mb = _log_weight(beta), _log_weight(1.0 - beta)
-        log_m = torch.logaddexp(log_q + log_b, log_p + log_1mb)
-        log_n = torch.logaddexp(log_q + log_1mb, log_p + log_b)
-        return log_m, log_n
+    def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+        """The JSD mixture m = beta*q + (1-beta)*p in log space (p and q underflow at large |z/T|)."""
+        return torch.logaddexp(log_q + _log_weight(beta), log_p + _log_weight(1.0 - beta))
+
+    @staticmethod
+    def _resolve(divergence: str, beta: float) -> str:
+        """JSD at beta 0 / 1 is forward / reverse KL (TRL's and Liger's special cases)."""
+        if divergence == "jsd" and beta in (0.0, 1.0):
+            return "forward_kl" if beta == 0.0 else "reverse_kl"
+        return divergence
 
     @staticmethod
     def partial_divergence(log_p: torch.Tensor, log_q: torch.Tensor, support: torch.Tensor,
                            divergence: str, beta: float) -> torch.Tensor:
         """[*, v/tp] -> [*]: this shard's share of D (the sum over K restricted to the shard)."""
         p, q = log_p.exp(), log_q.exp()
+        divergence = VocabParallelKD._resolve(divergence, beta)
         if divergence == "forward_kl":
             terms = q * (log_q - log_p)
         elif divergence == "reverse_kl":
             terms = p * (log_p - log_q)
         else:  # jsd
-            log_m, _ = VocabParallelKD._log_mixtures(log_p, log_q, beta)
-            terms = (1.0 - beta) * q * (log_q - log_m) + beta * p * (log_p - log_m)
+            log_m = VocabParallelKD._log_mixture(log_p, log_q, beta)
+            terms = beta * q * (log_q - log_m) + (1.0 - beta) * p * (log_p - log_m)
         # Outside K the terms are 0 * (-inf) = nan; they are not part of D.
         return torch.where(support, terms, 0.0).sum(dim=-1)
 
@@ -163,16 +168,17 @@ class VocabParallelKD:
                               divergence: str, beta: float):
         """[*, v/tp] -> (H^p, H^q) with H^p = p * dD/dp and H^q = q * dD/dq, 0 outside K."""
         p, q = log_p.exp(), log_q.exp()
+        divergence = VocabParallelKD._resolve(divergence, beta)
         if divergence == "forward_kl":
             h_p = -q
             h_q = q * (log_q - log_p + 1.0)
         elif divergence == "reverse_kl":
             h_p = p * (log_p - log_q + 1.0)
             h_q = -p
-        else:  # jsd; the weighted ratios (1-beta)*p*n/m <= q + p and beta*q*n/m <= q + p stay finite
-            log_m, log_n = VocabParallelKD._log_mixtures(log_p, log_q, beta)
-            h_p = beta * p * (log_p - log_m + 1.0) - (log_p + log_n - log_m + _log_weight(1.0 - beta)).exp()
-            h_q = (1.0 - beta) * q * (log_q - log_m + 1.0) - (log_q + log_n - log_m + _log_weight(beta)).exp()
+        else:  # jsd: the mixture's own weights make the log m terms cancel in dD/dp and dD/dq
+            log_m = VocabParallelKD._log_mixture(log_p, log_q, beta)
+            h_p = (1.0 - beta) * p * (log_p - log_m)
+            h_q = beta * q * (log_q - log_m)
         return torch.where(support, h_p, 0.0), torch.where(support, h_q, 0.0)
 
 
