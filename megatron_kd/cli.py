@@ -176,6 +176,18 @@ def _plan(args) -> int:
     return plan_main(args)
 
 
+def _add_checkpoint_parser(sub) -> None:
+    from megatron_kd.training.integrity import add_parser
+
+    add_parser(sub)
+
+
+def _checkpoint(args) -> int:
+    from megatron_kd.training.integrity import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-kd",
@@ -198,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides applied after the recipe, e.g. train.lr=3e-4")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in checkpoint.save from its latest checkpoint")
+                   help="continue the run in checkpoint.save from its newest complete checkpoint "
+                        "(damaged newer ones are warned about and left in place)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace whatever checkpoint.save holds")
     t.add_argument("--exit-signal-handler", action="store_true",
@@ -212,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_plan_parser(sub)
     add_eval_parser(sub)
+    _add_checkpoint_parser(sub)
 
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
@@ -230,7 +244,8 @@ def _input_errors() -> tuple:
     types = [ConfigError]
     for module, name in (("megatron_kd.data.errors", "DataError"),
                          ("megatron_kd.training.checkpointing", "CheckpointError"),
-                         ("megatron_kd.study.runner", "StudyError")):
+                         ("megatron_kd.study.runner", "StudyError"),
+                         ("megatron_kd.training.integrity", "CheckpointError")):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
@@ -261,6 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _reproduce(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "checkpoint":
+            return _checkpoint(args)
         if args.command == "eval":
             return _eval(args)
         return _preprocess(args, rest)

@@ -309,6 +309,14 @@ class CheckpointConfig:
     load: Optional[str] = None  # checkpoint directory (or run dir) to initialise from
     save_interval: Optional[int] = None  # None = only at the end
     finetune: bool = False  # load weights only (new optimizer/scheduler/data position)
+    # sha256 of every file recorded at save and checked on resume/load (size alone misses bit rot)
+    verify: bool = False
+    load_strict: bool = False  # --resume: a damaged newest checkpoint is an error, not a fallback
+    keep_last: Optional[int] = None  # None = keep all; else the newest N complete checkpoints
+
+    def __post_init__(self):
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last: expected >= 1 (or null: keep all), got {self.keep_last}")
 
 
 @dataclass

@@ -7,7 +7,12 @@ Layout (Megatron-LM's names)::
 
 A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, and the
 ``latest`` pointer is replaced atomically last, so a job killed mid-save leaves the previous
-checkpoint as the latest one and never a half-written directory under a final name.
+checkpoint as the latest one and never a half-written directory under a final name. Before the
+rename rank 0 adds a manifest of every file's size (and sha256 with ``checkpoint.verify``), so a
+checkpoint damaged later is recognised (integrity.py): ``--resume`` loads the newest *complete*
+checkpoint, warning about each damaged newer one and leaving it in place; an explicitly named
+damaged checkpoint is a one-line CheckpointError. ``checkpoint.keep_last`` deletes older complete
+checkpoints after a save, never damaged ones.
 
 Model tensors are saved as ShardedTensors, so a checkpoint reloads under another TP/PP layout.
 RNG states are per rank and only restored when the layout is unchanged (bit-for-bit resume).
@@ -17,18 +22,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from megatron_kd import platform
+from megatron_kd.training import integrity
+from megatron_kd.training.integrity import CheckpointError  # noqa: F401 -- where callers import it
 
 LATEST = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -36,31 +40,93 @@ def iteration_dir(root: Path, iteration: int) -> Path:
 
 
 def read_latest(root) -> Optional[int]:
-    """Iteration of the newest complete checkpoint under root, or None."""
+    """Iteration the ``latest`` pointer names (the newest checkpoint written), or None."""
     path = Path(root) / LATEST
     if not path.is_file():
         return None
     text = path.read_text().strip()
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number, got {text!r}")
-    iteration = int(text)
-    if not iteration_dir(root, iteration).is_dir():
-        raise CheckpointError(f"{path} names iteration {iteration} but {iteration_dir(root, iteration)} is missing")
-    return iteration
+    return int(text)
 
 
-def resolve_load_dir(path) -> Path:
-    """Accept a run dir, its checkpoints/ dir, or one iter_* dir; return an iter_* dir."""
+def _warn(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def checkpoint_problem(ckpt, checksums: bool = False) -> Optional[str]:
+    """integrity.problem; with checksums in a job of several ranks each rank hashes a share of the
+    files (a collective then: every rank calls it, and all get the same answer)."""
+    dist = torch.distributed
+    if checksums and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, integrity.problem(ckpt, True, part=(dist.get_rank(), len(gathered))))
+        return integrity.first_problem(gathered)
+    return integrity.problem(ckpt, checksums)
+
+
+def _newest_complete_hint(root: Path, besides: Path) -> str:
+    for _, d in integrity.iteration_dirs(root):
+        if d != besides and integrity.problem(d) is None:
+            return f"; the newest complete one is {d}: name it to load it"
+    return ""
+
+
+def resolve_load_dir(path, checksums: bool = False) -> Path:
+    """Accept a run dir, its checkpoints/ dir, or one iter_* dir; return a complete iter_* dir.
+
+    A run dir means the checkpoint its ``latest`` pointer names (without a pointer: its newest
+    iter_* dir). A damaged one is a CheckpointError, not a fallback: which weights a named run
+    gives (a teacher, phase 1 for phase 2) must not depend on which files survived. ``--resume``,
+    where falling back only costs recomputed steps, falls back instead (select_resume).
+    """
     p = Path(path)
+    ckpt = None
     for root in (p, p / "checkpoints"):
-        if (root / LATEST).is_file():
-            return iteration_dir(root, read_latest(root))
-    if (p / "metadata.json").is_file():
-        return p
-    raise CheckpointError(
-        f"checkpoint.load={path}: no {LATEST} and not a checkpoint directory (expected a run dir, "
-        "its checkpoints/ folder, or an iter_* folder)"
-    )
+        latest, dirs = read_latest(root), integrity.iteration_dirs(root)
+        if latest is not None or dirs:
+            ckpt = iteration_dir(root, latest) if latest is not None else dirs[0][1]
+            break
+    if ckpt is None:
+        if not integrity.looks_like_checkpoint(p):
+            raise CheckpointError(
+                f"checkpoint.load={path}: no {LATEST} and not a checkpoint directory (expected a run dir, "
+                "its checkpoints/ folder, or an iter_* folder)")
+        ckpt = p
+    why = checkpoint_problem(ckpt, checksums)
+    if why:
+        raise CheckpointError(f"{ckpt}: damaged checkpoint ({why}){_newest_complete_hint(ckpt.parent, ckpt)}")
+    return ckpt
+
+
+def select_resume(root, checksums: bool = False, strict: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint under root for ``--resume`` (None: there is none, start at 0).
+
+    Scans the iter_* dirs rather than trusting the ``latest`` pointer, which may name a damaged
+    or deleted checkpoint. Each damaged newer one gets a warning naming it and the file, and is
+    left in place (it may be repairable, e.g. a shard still being copied). ``strict``
+    (``checkpoint.load_strict``): a damaged newest checkpoint is a CheckpointError instead. Only
+    damaged checkpoints and no complete one is always an error: starting over would later
+    replace them.
+    """
+    damaged = []
+    for _, ckpt in integrity.iteration_dirs(root):
+        why = checkpoint_problem(ckpt, checksums)
+        if why is None:
+            for bad, reason in damaged:
+                _warn(f"checkpoint {bad} is damaged ({reason}); resuming from {ckpt.name} instead and "
+                      "leaving it in place")
+            return ckpt
+        if strict:
+            raise CheckpointError(f"checkpoint.load_strict: the newest checkpoint {ckpt} is damaged ({why}); "
+                                  "set checkpoint.load_strict=false to resume from an older complete one")
+        damaged.append((ckpt, why))
+    if damaged:
+        listed = "; ".join(f"{d.name}: {w}" for d, w in damaged[:3])
+        raise CheckpointError(f"--resume: no complete checkpoint under {root} ({listed}); move the damaged "
+                              "ones away to start over, or pass --overwrite")
+    return None
 
 
 def _unwrap(chunk):
@@ -144,7 +210,11 @@ def _layout() -> dict:
 
 
 def save_checkpoint(root, iteration: int, model_chunks, optimizer, scheduler,
-                    consumed_samples: int, extra: Optional[dict] = None) -> Path:
+                    consumed_samples: int, extra: Optional[dict] = None, checksums: bool = False,
+                    keep_last: Optional[int] = None) -> Path:
+    """Write iteration's checkpoint (collective). ``checksums``: record every file's sha256 in the
+    manifest (the ranks share the hashing); ``keep_last``: then delete all but the newest N
+    complete checkpoints (apply_keep_last)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -169,15 +239,79 @@ def save_checkpoint(root, iteration: int, model_chunks, optimizer, scheduler,
     state["extra"] = extra or {}
     dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
+    _write_manifest(tmp, iteration, checksums)
     if rank == 0:
         if final.exists():
-            shutil.rmtree(final)
+            _replace_existing(final, checksums)
         os.replace(tmp, final)
         pointer = root / (LATEST + ".tmp")
         pointer.write_text(f"{iteration}\n")
         os.replace(pointer, root / LATEST)
+        if keep_last is not None:
+            apply_keep_last(root, keep_last)
     torch.distributed.barrier()
     return final
+
+
+def _write_manifest(tmp: Path, iteration: int, checksums: bool) -> None:
+    """Rank 0 writes the manifest once every rank's files are in tmp (after the barrier). With
+    checksums each rank hashes names[rank::world], so the reading is shared like the writing."""
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not checksums and rank != 0:
+        return
+    names = integrity.list_files(tmp)
+    records = integrity.file_records(tmp, names, checksums, part=(rank, world))
+    if checksums and world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, records)
+        for part in parts:  # sizes from every part agree; each adds its share of the hashes
+            for name, rec in part.items():
+                records.setdefault(name, {}).update(rec)
+    if rank == 0:
+        integrity.write_manifest(tmp, iteration, records)
+
+
+def _replace_existing(final: Path, checksums: bool) -> None:
+    """A checkpoint of this iteration already exists: a complete one is replaced, a damaged one
+    (resume fell back past it) is renamed ``.damaged`` and kept: deleting is for people. Judged
+    by the standard resume used (checksums with ``checkpoint.verify``), or a checkpoint resume
+    rejected for a bad checksum would be deleted here as complete."""
+    why = integrity.problem(final, checksums)
+    if why is None:
+        doomed = final.with_name(final.name + ".deleting")
+        os.replace(final, doomed)
+        shutil.rmtree(doomed)
+        return
+    aside, n = final.with_name(final.name + ".damaged"), 1
+    while aside.exists():
+        aside, n = final.with_name(f"{final.name}.damaged{n}"), n + 1
+    os.replace(final, aside)
+    _warn(f"checkpoint {final} was damaged ({why}); kept as {aside.name}, replaced by the new one")
+
+
+def apply_keep_last(root, keep_last: int) -> list[Path]:
+    """Delete the complete checkpoints older than the newest ``keep_last`` complete ones (rank 0,
+    after the new checkpoint and the pointer are in place, so a kill at any point still leaves
+    the newest complete checkpoint). Damaged ones are never deleted: each gets a warning. A
+    checkpoint is renamed ``.deleting`` before its files go, so a kill mid-delete leaves no
+    half-deleted ``iter_*`` dir; leftovers of such kills are removed here. Returns the deleted."""
+    root = Path(root)
+    for left in root.glob("iter_*.deleting"):
+        shutil.rmtree(left, ignore_errors=True)
+    complete, deleted = 0, []
+    for _, ckpt in integrity.iteration_dirs(root):
+        why = integrity.problem(ckpt)
+        if why is not None:
+            _warn(f"checkpoint.keep_last: leaving damaged checkpoint {ckpt} ({why}); delete it by hand")
+            continue
+        complete += 1
+        if complete > keep_last:
+            doomed = ckpt.with_name(ckpt.name + ".deleting")
+            os.replace(ckpt, doomed)
+            shutil.rmtree(doomed)
+            deleted.append(ckpt)
+    return deleted
 
 
 def _init_empty_distributed_optimizer_state(optimizer) -> None:
@@ -211,7 +345,10 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_load_dir(path)
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as e:  # noqa: BLE001 -- resolve_load_dir read it a moment ago; say which file
+        raise CheckpointError(f"{ckpt / 'common.pt'}: unreadable ({type(e).__name__}: {e})") from e
     state = _model_sharded_state_dict(model_chunks)
     model_keys = list(state)
     same_layout = common.get("layout") == _layout()
@@ -237,3 +374,34 @@ def load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng
 def load_model_weights(path, model_chunks) -> dict:
     """Weights only (a teacher, or phase 2 starting from phase 1): no optimizer, scheduler, RNG."""
     return load_checkpoint(path, model_chunks, optimizer=None, scheduler=None, load_rng=False)
+
+
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def check_model_shapes(path, model_chunks, key: str, section: str = "model") -> None:
+    """CheckpointError naming the first tensor of ``model_chunks`` (built from config ``section``)
+    that the checkpoint at ``path`` (named by config key ``key``) lacks or holds in another
+    shape. Reads only the checkpoint's metadata, so it runs before the run directory is written;
+    megatron's load would fail later, deep inside torch.distributed.checkpoint, with a traceback."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    ckpt = resolve_load_dir(path)
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    for chunk in model_chunks:
+        for sh in nested_values(_unwrap(chunk).sharded_state_dict()):
+            if not isinstance(sh, ShardedTensor):
+                continue
+            if sh.key not in saved:
+                raise CheckpointError(f"{key} {ckpt}: tensor {sh.key} of the {section} config is "
+                                      "missing from the checkpoint")
+            got, want = tuple(saved[sh.key].global_shape), tuple(sh.global_shape)
+            if got != want:
+                why = ""
+                if sh.key.endswith(_VOCAB_ROWS) and got[1:] == want[1:]:
+                    why = (f": a padded vocab of {got[0]} rows in the checkpoint vs {want[0]} here "
+                           "(another tokenizer or make_vocab_size_divisible_by)")
+                raise CheckpointError(f"{key} {ckpt}: tensor {sh.key} has shape {got} in the checkpoint "
+                                      f"but {want} from the {section} config{why}")

@@ -109,9 +109,13 @@ class Trainer:
         check_data(cfg.data, self.tokenizer)
         if self.spec.check_config is not None:  # e.g. the teacher's (kd/teacher.py)
             self.spec.check_config(cfg, self.tokenizer.vocab_size)
-        if cfg.checkpoint.load:
-            checkpointing.resolve_load_dir(cfg.checkpoint.load)
+        if cfg.checkpoint.load:  # damaged: one line now, not a traceback after the model is built
+            checkpointing.resolve_load_dir(cfg.checkpoint.load, checksums=cfg.checkpoint.verify)
         prepare_run_dir(self.run_dir, cfg, resume=resume, overwrite=overwrite)
+        # the newest *complete* checkpoint; damaged newer ones warned about and left in place
+        resume_from = checkpointing.select_resume(
+            self.run_dir / "checkpoints", checksums=cfg.checkpoint.verify,
+            strict=cfg.checkpoint.load_strict) if resume else None
 
         distributed.init_model_parallel(cfg.parallel, cfg.train.seed)
         self.device = platform.device()
@@ -153,10 +157,8 @@ class Trainer:
         self.objective = self.objective_factory(cfg, self.device)
 
         self.state = TrainState()
-        ckpt_root = self.run_dir / "checkpoints"
-        latest = checkpointing.read_latest(ckpt_root)
-        if resume and latest is not None:
-            info = checkpointing.load_checkpoint(ckpt_root, self.model, self.optimizer, self.scheduler)
+        if resume_from is not None:
+            info = checkpointing.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler)
             self.state.iteration = info["iteration"]
             self.state.consumed_samples = info["consumed_samples"]
             self._print(f"resumed from {info['path']} at iteration {self.state.iteration}"
@@ -262,7 +264,9 @@ class Trainer:
     def save(self):
         with params_gathered(self.model):
             checkpointing.save_checkpoint(self.run_dir / "checkpoints", self.state.iteration, self.model,
-                                          self.optimizer, self.scheduler, self.state.consumed_samples)
+                                          self.optimizer, self.scheduler, self.state.consumed_samples,
+                                          checksums=self.cfg.checkpoint.verify,
+                                          keep_last=self.cfg.checkpoint.keep_last)
         self._print(f"saved checkpoint at iteration {self.state.iteration}")
 
     def train(self) -> TrainState:

@@ -47,7 +47,9 @@ def create_run_dir(run: Path, cfg: RunConfig, overwrite: bool) -> None:
 
 
 _RESUMABLE = {"train.train_iters", "train.eval_interval", "train.log_interval",
-              "checkpoint.save_interval", "checkpoint.load", "train.exit_interval"}
+              "checkpoint.save_interval", "checkpoint.load", "train.exit_interval",
+              # how checkpoints are checked and kept, not what is trained
+              "checkpoint.keep_last", "checkpoint.verify", "checkpoint.load_strict"}
 
 
 def _diff(old: dict, new: dict) -> str:

@@ -18,7 +18,11 @@ from longred_util import data_overrides  # noqa: E402
 def fake_ckpt(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
-    (d / "metadata.json").write_text("{}")  # enough for resolve_load_dir: the checks need no weights
+    # enough for resolve_load_dir (megatron's three files, readable): the checks need no weights
+    (d / "metadata.json").write_text("{}")
+    (d / ".metadata").write_bytes(b"")
+    import torch
+    torch.save({}, d / "common.pt")
     return d
 
 
