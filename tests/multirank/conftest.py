@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -36,9 +37,18 @@ train:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """<dir>/corpus.{bin,idx,tokenizer.model} from 400 hotpotqa paragraphs, vocab 500."""
+    return make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tiny_data, tmp_path_factory):
+    return write_tiny_recipe(tmp_path_factory.mktemp("recipe") / "tiny.yaml", tiny_data)
+
+
+def make_tiny_data(root: Path) -> Path:
+    """Plain function (benchmarks/fault_stress.py builds the same corpus outside pytest)."""
     from megatron_kd.data import iter_offline_corpus, preprocess, write_jsonl
 
-    root = tmp_path_factory.mktemp("tiny_data")
     write_jsonl(iter_offline_corpus("hotpotqa", max_docs=400), root / "corpus.jsonl")
     summary = preprocess([str(root / "corpus.jsonl")], str(root / "corpus"), train_tokenizer=500,
                          workers=1, progress=False)
@@ -46,8 +56,6 @@ def tiny_data(tmp_path_factory):
     return root / "corpus"
 
 
-@pytest.fixture(scope="session")
-def tiny_recipe(tiny_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    path.write_text(textwrap.dedent(RECIPE.format(prefix=tiny_data)))
+def write_tiny_recipe(path: Path, prefix: Path) -> Path:
+    path.write_text(textwrap.dedent(RECIPE.format(prefix=prefix)))
     return path
