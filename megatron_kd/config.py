@@ -200,10 +200,18 @@ class ParallelConfig:
     # to multiples of 2 x CP (None = seq_length / 16); Megatron-LM's --cp-comm-type
     context_parallel_padding: Optional[int] = None
     cp_comm_type: str = "p2p"
+    # Megatron-LM's --distributed-timeout-minutes: how long a collective waits for a silent peer
+    # before it fails (every process group); a rank frozen for this long + 5 s is killed by its
+    # watchdog (megatron_kd/watchdog.py). Fractions allowed (tests use 0.25).
+    distributed_timeout_minutes: float = 10.0
 
     def __post_init__(self):
         _positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "context_parallel_size", "expert_model_parallel_size")
+        t = self.distributed_timeout_minutes
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ConfigError(f"parallel.distributed_timeout_minutes: expected a number of minutes > 0, "
+                              f"got {t!r}")
         if self.virtual_pipeline_model_parallel_size is not None:
             if self.virtual_pipeline_model_parallel_size < 1:
                 raise ConfigError("parallel.virtual_pipeline_model_parallel_size: expected >= 1")

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_kd import platform
+from megatron_kd import platform, watchdog
 
 
 @dataclass
@@ -90,11 +90,17 @@ def _discover_mpi(env: dict) -> RankInfo:
     return RankInfo(rank, world, local_rank, addr, port, "mpi")
 
 
-def init_distributed(timeout_minutes: int = 10) -> RankInfo:
-    """Start torch.distributed for this process (a 1-rank group when launched alone)."""
+def init_distributed(timeout_minutes: float = 10) -> RankInfo:
+    """Start torch.distributed for this process (a 1-rank group when launched alone).
+
+    ``timeout_minutes``: how long a collective waits for a silent peer (Megatron-LM's
+    --distributed-timeout-minutes). A rank started by a launcher also gets its watchdog and
+    heartbeat (watchdog.py) first: a launcher that dies during the rendezvous is noticed too.
+    """
     platform.setup()
     info = discover()
     platform.set_device(info.local_rank)
+    watchdog.start(info, timeout_minutes)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend=platform.backend(),
@@ -103,6 +109,7 @@ def init_distributed(timeout_minutes: int = 10) -> RankInfo:
             world_size=info.world_size,
             timeout=timedelta(minutes=timeout_minutes),
         )
+        watchdog.install_failure_report()
     return info
 
 
@@ -118,6 +125,8 @@ def init_model_parallel(parallel_cfg, seed: int) -> None:
         virtual_pipeline_model_parallel_size=parallel_cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel_cfg.context_parallel_size,
         expert_model_parallel_size=parallel_cfg.expert_model_parallel_size,
+        # megatron's groups have a timeout of their own (default 30 min), not the world's
+        distributed_timeout_minutes=parallel_cfg.distributed_timeout_minutes,
     )
     # Same data-parallel seed on every rank, distinct per TP rank for the TP region, distinct per
     # PP stage (Megatron-LM's _set_random_seed convention).

@@ -94,7 +94,9 @@ mkd_srun() {
 
 # The whole launch command for "python -m megatron_kd.cli <args...>" in the chosen mode, into
 # the array MKD_CMD. `trap "" USR1; exec ...` makes the launched processes ignore SIGUSR1 until
-# the training loop installs its handler (ignored signals stay ignored across exec).
+# the training loop installs its handler (ignored signals stay ignored across exec). The exec
+# also keeps the launcher (slurmstepd, torchrun) the rank's parent: each rank's watchdog ends
+# the rank when that parent dies (megatron_kd/watchdog.py).
 mkd_build_launch() {
     local srun_prefix
     mapfile -t srun_prefix < <(mkd_srun)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_kd import distributed, platform
+from megatron_kd import distributed, platform, watchdog
 from megatron_kd.config import ConfigError, RunConfig, validate_layout, validate_training
 from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
@@ -281,6 +281,7 @@ class Trainer:
             platform.synchronize()
             dt = time.perf_counter() - t0
             st.iteration += 1
+            watchdog.progress(st.iteration)  # published with the rank's heartbeat
             st.consumed_samples += cfg.train.global_batch_size
             if reports is not None:
                 st.history.append((st.iteration, reports[self.objective.name]))
@@ -332,7 +333,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     train_spec = get_train_spec(cfg, spec)  # before init: an unregistered spec fails in 0.1 s
     trainer_cls = train_spec.trainer_cls or Trainer
     with StopOnSignal(exit_signals) as stop:  # before init: a signal during setup is kept too
-        distributed.init_distributed()
+        distributed.init_distributed(cfg.parallel.distributed_timeout_minutes)
         try:
             trainer = trainer_cls(cfg, Path(cfg.checkpoint.save), objective_factory, spec=train_spec)
             trainer.stop = stop

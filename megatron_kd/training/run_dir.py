@@ -49,7 +49,9 @@ def create_run_dir(run: Path, cfg: RunConfig, overwrite: bool) -> None:
 _RESUMABLE = {"train.train_iters", "train.eval_interval", "train.log_interval",
               "checkpoint.save_interval", "checkpoint.load", "train.exit_interval",
               # how checkpoints are checked and kept, not what is trained
-              "checkpoint.keep_last", "checkpoint.verify", "checkpoint.load_strict"}
+              "checkpoint.keep_last", "checkpoint.verify", "checkpoint.load_strict",
+              # how long a silent peer is waited for (watchdog.py), not what is trained
+              "parallel.distributed_timeout_minutes"}
 
 
 def _diff(old: dict, new: dict) -> str:
