@@ -184,10 +184,14 @@ def test_frozen_rank_is_named_and_every_rank_exits(tiny_recipe, tmp_path):
         _kill_all(tree)
         mr.kill_group(proc)
     text = log.read_text()
-    print(f"rank 0 SIGSTOPped: launcher exit {rc} after {took:.1f} s, every process gone after "
-          f"{took + took_all:.1f} s (collective timeout {TIMEOUT_MIN * 60:.0f} s)")
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", text)
     assert rc != 0 and codes and "0" not in codes, mr.tail(text)
+    assert not _in_run_dir(run_dir)
     # the surviving rank names the silent one; rank 0's watchdog says why it ended it
-    assert re.search(r"\[rank 1\] failed \(\w+\); heartbeats: rank 0 is silent", text), mr.tail(text)
+    named = re.search(r"\[rank 1\] failed \(\w+\); heartbeats: rank 0 is silent: no heartbeat for "
+                      r"([\d.]+) s", text)
+    assert named, mr.tail(text)
     assert re.search(r"\[watchdog rank 0\] rank 0 \(pid \d+\) is frozen \(stopped\)", text), mr.tail(text)
+    print(f"rank 0 SIGSTOPped: named by rank 1 after {named.group(1)} s without a heartbeat, launcher "
+          f"exit {rc} after {took:.1f} s, every process gone after {took + took_all:.1f} s "
+          f"(collective timeout {TIMEOUT_MIN * 60:.0f} s)")
