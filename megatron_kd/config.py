@@ -704,6 +704,25 @@ def validate_training(cfg: RunConfig) -> None:
 def validate_layout(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the world size or several sections; arithmetic in the message."""
     p, m, t, d = cfg.parallel, cfg.model, cfg.train, cfg.data
+    # the model's own divisibility first: it holds at any world size (a 1-process run reports it)
+    if m.num_attention_heads % p.tensor_model_parallel_size:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}"
+        )
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups % p.tensor_model_parallel_size:
+        raise ConfigError(
+            f"model.num_query_groups={groups} is not divisible by "
+            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}"
+        )
+    stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+    if m.num_layers % stages:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by pipeline stages "
+            f"pipeline_model_parallel_size({p.pipeline_model_parallel_size}) x "
+            f"virtual_pipeline_model_parallel_size({p.virtual_pipeline_model_parallel_size or 1}) = {stages}"
+        )
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % model_parallel:
         raise ConfigError(
@@ -724,24 +743,6 @@ def validate_layout(cfg: RunConfig, world_size: int) -> None:
             if mc is not None and mc.num_moe_experts and mc.num_moe_experts % ep:
                 raise ConfigError(f"{name}.num_moe_experts={mc.num_moe_experts} is not divisible by "
                                   f"parallel.expert_model_parallel_size={ep}")
-    if m.num_attention_heads % p.tensor_model_parallel_size:
-        raise ConfigError(
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}"
-        )
-    groups = m.num_query_groups or m.num_attention_heads
-    if groups % p.tensor_model_parallel_size:
-        raise ConfigError(
-            f"model.num_query_groups={groups} is not divisible by "
-            f"parallel.tensor_model_parallel_size={p.tensor_model_parallel_size}"
-        )
-    stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
-    if m.num_layers % stages:
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by pipeline stages "
-            f"pipeline_model_parallel_size({p.pipeline_model_parallel_size}) x "
-            f"virtual_pipeline_model_parallel_size({p.virtual_pipeline_model_parallel_size or 1}) = {stages}"
-        )
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "

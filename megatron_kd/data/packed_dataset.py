@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from megatron_kd.data.errors import DataError
@@ -85,12 +87,86 @@ def _check_tokenizer_matches(prefix: str, tokenizer: Tokenizer) -> None:
     path = f"{prefix}.summary.json"
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        s = json.load(f)
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except ValueError as e:
+        raise DataError(f"data.data_path {prefix}: {path} is not preprocess's JSON summary ({e}); "
+                        f"{_rebuild_hint(prefix)}") from None
+    if not isinstance(s, dict):
+        raise DataError(f"data.data_path {prefix}: {path} is not preprocess's JSON summary (a "
+                        f"{type(s).__name__}); {_rebuild_hint(prefix)}")
     if (s.get("vocab_size"), s.get("eos_id")) != (tokenizer.vocab_size, tokenizer.eos_id):
         raise DataError(
             f"data.tokenizer_model {tokenizer.path}: vocab_size={tokenizer.vocab_size}, eos_id={tokenizer.eos_id}, "
             f"but {prefix} was tokenized with vocab_size={s.get('vocab_size')}, eos_id={s.get('eos_id')} ({s.get('tokenizer')})")
+
+
+# megatron.core.datasets.indexed_dataset.DType codes -> bytes per token
+_DTYPE_WIDTH = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+# _IndexWriter's header: magic, version <Q, dtype code <B, sequence count <Q, document count <Q
+_IDX_HEADER = struct.Struct("<9sQBQQ")  # 34 bytes
+
+
+def _rebuild_hint(prefix: str) -> str:
+    """The command that rewrites <prefix>.bin/.idx: exact when preprocess's summary.json names its
+    inputs and tokenizer, else with placeholders."""
+    inputs, tok = "<corpus.jsonl>", "<tokenizer.model>"
+    try:
+        with open(f"{prefix}.summary.json") as f:
+            s = json.load(f)
+        inputs, tok = " ".join(s["inputs"]) or inputs, s["tokenizer"] or tok
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return (f"rebuild with: megatron-kd preprocess --input {inputs} --tokenizer-model {tok} "
+            f"--output-prefix {prefix} --overwrite")
+
+
+def read_index(prefix: str) -> np.ndarray:
+    """Document lengths (tokens, int32 [sequences]) of ``<prefix>.idx``, after checking that the
+    .idx holds exactly what its header promises and the .bin exactly what the .idx promises.
+
+    Read here rather than through megatron's IndexedDataset: a truncated .bin passes its
+    constructor and fails in the first training step (a raw ValueError, after the run directory
+    exists), and a short .idx fails inside it and then again in its ``__del__`` (a second
+    traceback). Raises DataError (one line: the file, expected vs actual bytes, the fix).
+    """
+    idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
+    fix = _rebuild_hint(prefix)
+    idx_size, bin_size = os.path.getsize(idx), os.path.getsize(bin_)
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+    if head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
+        raise DataError(f"data.data_path {prefix}: {idx} is not a megatron indexed dataset index "
+                        f"(bad header {head[:9]!r}); {fix}")
+    if len(head) < _IDX_HEADER.size:
+        raise DataError(f"data.data_path {prefix}: {idx} is {idx_size} bytes, shorter than its "
+                        f"{_IDX_HEADER.size}-byte header (truncated); {fix}")
+    _, version, code, sequences, documents = _IDX_HEADER.unpack(head)
+    if version != 1:
+        raise DataError(f"data.data_path {prefix}: {idx} has index version {version}, expected 1; {fix}")
+    if code not in _DTYPE_WIDTH:
+        raise DataError(f"data.data_path {prefix}: {idx} has unknown token dtype code {code} "
+                        f"(expected one of {sorted(_DTYPE_WIDTH)}); {fix}")
+    # int32 lengths, int64 pointers (byte offsets into the .bin), int64 document indices
+    expected_idx = _IDX_HEADER.size + sequences * (4 + 8) + documents * 8
+    if idx_size != expected_idx:
+        raise DataError(f"data.data_path {prefix}: {idx} is {idx_size} bytes but its header promises "
+                        f"{expected_idx} ({sequences} sequences, {documents} document indices); {fix}")
+    if sequences == 0:
+        raise DataError(f"data.data_path {prefix}: {idx} holds no documents; {fix}")
+    lengths = np.fromfile(idx, dtype=np.int32, count=sequences, offset=_IDX_HEADER.size)
+    last_pointer = int(np.fromfile(idx, dtype=np.int64, count=1,
+                                   offset=_IDX_HEADER.size + 4 * sequences + 8 * (sequences - 1))[0])
+    width = _DTYPE_WIDTH[code]
+    expected_bin = int(lengths.sum(dtype=np.int64)) * width
+    if (lengths < 0).any() or last_pointer + int(lengths[-1]) * width != expected_bin:
+        raise DataError(f"data.data_path {prefix}: {idx} is inconsistent (its document lengths add up "
+                        f"to {expected_bin} bytes, its last pointer to {last_pointer + int(lengths[-1]) * width}); {fix}")
+    if bin_size != expected_bin:
+        raise DataError(f"data.data_path {prefix}: {bin_} is {bin_size} bytes but {idx} promises "
+                        f"{expected_bin} ({sequences} documents x {width}-byte tokens); {fix}")
+    return lengths
 
 
 def check_data(cfg, tokenizer: Optional[Tokenizer] = None):
@@ -98,7 +174,6 @@ def check_data(cfg, tokenizer: Optional[Tokenizer] = None):
     written; returns ``(prefix, tokenizer, split bounds)``. Raises DataError (one line)."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix, parse_and_normalize_split)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if not cfg.data_path:
         raise DataError("data.data_path: required (the <prefix> of <prefix>.bin/.idx written by preprocess)")
@@ -114,23 +189,10 @@ def check_data(cfg, tokenizer: Optional[Tokenizer] = None):
             raise DataError("data.tokenizer_model: required to find the EOS id of the packed documents")
         tokenizer = load_tokenizer(cfg.tokenizer_model)
     _check_tokenizer_matches(prefix, tokenizer)
+    lengths = read_index(prefix)
 
     # Each split with weight > 0 must hold at least one window, else GPTDataset loops forever.
     seq = int(cfg.seq_length)
-    with open(prefix + ".idx", "rb") as f:
-        header = f.read(len(_IDX_MAGIC))
-    if header != _IDX_MAGIC:
-        # checked here: megatron's IndexedDataset asserts, then its __del__ fails noisily
-        raise DataError(f"data.data_path {prefix}: {prefix}.idx is not a megatron indexed dataset "
-                        f"index (bad header {header[:9]!r}); re-run megatron-kd preprocess")
-    try:
-        indexed = IndexedDataset(prefix)
-        # copy: sequence_lengths is a view into an mmap that IndexedDataset.__del__ closes (segfault)
-        lengths = indexed.sequence_lengths.copy()
-        del indexed
-    except Exception as e:  # megatron asserts on a bad header, numpy raises on short files
-        raise DataError(f"data.data_path {prefix}: {prefix}.idx/.bin is not a valid megatron indexed "
-                        f"dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
     bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
     for name, b in zip(SPLIT_NAMES, bounds):
         if b is None:

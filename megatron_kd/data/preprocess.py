@@ -133,7 +133,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_model: Optio
     existing = [out[k] for k in guarded if os.path.exists(out[k])]
     if existing and not overwrite:
         raise DataError(f"--output-prefix {output_prefix}: already exists: {', '.join(existing)}; pass --overwrite to replace")
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(output_prefix).parent
+    created = next((d for d in reversed([out_dir, *out_dir.parents]) if not d.exists()), None)
+    out_dir.mkdir(parents=True, exist_ok=True)  # removed again below if this run fails
 
     tmp = {k: f"{v}.tmp{os.getpid()}" for k, v in out.items() if k != "tokenizer"}
     tmp_tok_prefix = f"{output_prefix}.tokenizer.tmp{os.getpid()}"
@@ -209,6 +211,11 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_model: Optio
         for path in tmp.values():
             if os.path.exists(path):
                 os.remove(path)
+        if created is not None and not os.path.exists(out["idx"]):  # failed: leave no empty dirs
+            for d in [out_dir, *out_dir.parents]:
+                if d == created.parent or any(d.iterdir()):
+                    break
+                d.rmdir()
 
 
 class _encoder:
@@ -272,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; returns the exit status (1 with a one-line message on bad input)."""
+    """CLI entry point; returns the exit status (2 with a one-line message on bad input, as
+    every ``megatron-kd`` command and argparse itself)."""
     a = build_parser().parse_args(argv)
     try:
         summary = preprocess(a.input, a.output_prefix, a.tokenizer_model, a.train_tokenizer,
@@ -280,6 +288,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              a.chunk_size, progress=not a.no_progress)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     _print_summary(summary)
     return 0

@@ -1,12 +1,16 @@
 """Build the frozen teacher in the student's layout and load it from a project checkpoint."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from megatron_kd.config import ConfigError, RunConfig
 
 
 def check_teacher_config(cfg: RunConfig, student_vocab_size: int) -> None:
     """Checks that need no model: run before anything is written."""
-    from megatron_kd.data import load_tokenizer
+    from megatron_kd.data import DataError, load_tokenizer
     from megatron_kd.models.builder import padded_vocab_size
     from megatron_kd.training import checkpointing
 
@@ -16,14 +20,18 @@ def check_teacher_config(cfg: RunConfig, student_vocab_size: int) -> None:
     if t is None or not t.load:
         raise ConfigError(f"kd.alpha={cfg.kd.alpha} needs a teacher: set teacher.load (a checkpoint) "
                           "and the teacher's shape in the teacher section")
-    checkpointing.resolve_load_dir(t.load)
-    if t.tokenizer_model:
-        teacher_vocab = load_tokenizer(t.tokenizer_model).vocab_size
+    ckpt = checkpointing.resolve_load_dir(t.load)
+    teacher_tok, source = _teacher_tokenizer(t.tokenizer_model, ckpt)
+    if teacher_tok:
+        try:
+            teacher_vocab = load_tokenizer(teacher_tok).vocab_size
+        except DataError as e:
+            raise DataError(f"{source.rstrip(':')}: {e}") from None
         if teacher_vocab != student_vocab_size:
             raise ConfigError(
-                f"teacher.tokenizer_model {t.tokenizer_model}: vocab size {teacher_vocab} differs from "
-                f"the student's data.tokenizer_model vocab size {student_vocab_size}; teacher and "
-                "student must share the tokenizer")
+                f"teacher vocab size {teacher_vocab} ({source} {teacher_tok}) differs from the student's "
+                f"vocab size {student_vocab_size} (data.tokenizer_model {cfg.data.tokenizer_model}); "
+                "teacher and student must share the tokenizer")
     tp = cfg.parallel.tensor_model_parallel_size
     ps = padded_vocab_size(student_vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     pt = padded_vocab_size(student_vocab_size, t.make_vocab_size_divisible_by, tp)
@@ -42,27 +50,31 @@ def check_teacher_config(cfg: RunConfig, student_vocab_size: int) -> None:
             f"divisible by tensor_model_parallel_size={tp}")
 
 
+def _teacher_tokenizer(tokenizer_model, ckpt: Path):
+    """(path, where it is named) of the teacher's tokenizer: teacher.tokenizer_model, else the
+    data.tokenizer_model in the config.yaml of the run the checkpoint belongs to (every run dir,
+    converted ones included, has one). The padded embedding cannot tell: vocabularies of 280 and
+    300 both pad to 320 rows and the teacher would score the wrong ids silently."""
+    if tokenizer_model:
+        return tokenizer_model, "teacher.tokenizer_model"
+    for run in (ckpt.parent.parent, ckpt.parent, ckpt):
+        config = run / "config.yaml"
+        if config.is_file():
+            try:
+                tok = (yaml.safe_load(config.read_text()).get("data") or {}).get("tokenizer_model")
+            except (yaml.YAMLError, AttributeError):
+                return None, None
+            if tok and Path(tok).exists():
+                return tok, f"data.tokenizer_model in {config}:"
+            return None, None
+    return None, None
+
+
 def check_checkpoint_shapes(teacher_chunks, path) -> None:
     """Name the first tensor whose shape in the checkpoint differs from the teacher config's."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
     from megatron_kd.training import checkpointing
 
-    ckpt = checkpointing.resolve_load_dir(path)
-    saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    for chunk in teacher_chunks:
-        for sh in nested_values(chunk.sharded_state_dict()):
-            if not isinstance(sh, ShardedTensor):
-                continue
-            if sh.key not in saved:
-                raise ConfigError(f"teacher.load {ckpt}: tensor {sh.key} of the teacher config is missing "
-                                  "from the checkpoint")
-            got = tuple(saved[sh.key].global_shape)
-            if got != tuple(sh.global_shape):
-                raise ConfigError(f"teacher.load {ckpt}: tensor {sh.key} has shape {got} in the checkpoint "
-                                  f"but {tuple(sh.global_shape)} from the teacher config")
+    checkpointing.check_model_shapes(path, teacher_chunks, "teacher.load", section="teacher", exact=True)
 
 
 def build_teacher_chunks(cfg: RunConfig, vocab_size: int) -> list:

@@ -379,11 +379,15 @@ def load_model_weights(path, model_chunks) -> dict:
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def check_model_shapes(path, model_chunks, key: str, section: str = "model") -> None:
+def check_model_shapes(path, model_chunks, key: str, section: str = "model", exact: bool = False) -> None:
     """CheckpointError naming the first tensor of ``model_chunks`` (built from config ``section``)
     that the checkpoint at ``path`` (named by config key ``key``) lacks or holds in another
     shape. Reads only the checkpoint's metadata, so it runs before the run directory is written;
-    megatron's load would fail later, deep inside torch.distributed.checkpoint, with a traceback."""
+    megatron's load would fail later, deep inside torch.distributed.checkpoint, with a traceback.
+
+    The embedding and output layer may differ in their padded vocab rows, as megatron's load
+    allows (``allow_shape_mismatch``: another TP pads differently; extra rows load as zeros),
+    unless ``exact`` (a frozen teacher: zero rows would add logits to its softmax)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -398,10 +402,10 @@ def check_model_shapes(path, model_chunks, key: str, section: str = "model") -> 
                 raise CheckpointError(f"{key} {ckpt}: tensor {sh.key} of the {section} config is "
                                       "missing from the checkpoint")
             got, want = tuple(saved[sh.key].global_shape), tuple(sh.global_shape)
-            if got != want:
-                why = ""
-                if sh.key.endswith(_VOCAB_ROWS) and got[1:] == want[1:]:
-                    why = (f": a padded vocab of {got[0]} rows in the checkpoint vs {want[0]} here "
-                           "(another tokenizer or make_vocab_size_divisible_by)")
-                raise CheckpointError(f"{key} {ckpt}: tensor {sh.key} has shape {got} in the checkpoint "
-                                      f"but {want} from the {section} config{why}")
+            padding_only = len(got) == len(want) and got[1:] == want[1:] and sh.key.endswith(_VOCAB_ROWS)
+            if got == want or (padding_only and sh.allow_shape_mismatch and not exact):
+                continue
+            why = (f": a padded vocab of {got[0]} rows in the checkpoint vs {want[0]} here (another "
+                   "tokenizer or make_vocab_size_divisible_by)") if padding_only else ""
+            raise CheckpointError(f"{key} {ckpt}: tensor {sh.key} has shape {got} in the checkpoint "
+                                  f"but {want} from the {section} config{why}")

@@ -97,7 +97,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
 
-        from megatron_kd.data import build_packed_datasets, check_data, load_tokenizer
+        from megatron_kd.data import DataError, build_packed_datasets, check_data, load_tokenizer
 
         cfg = self.cfg
         # Every input is checked before anything is written or computed.
@@ -105,7 +105,10 @@ class Trainer:
         validate_training(cfg)
         if not cfg.data.tokenizer_model:
             raise ConfigError("data.tokenizer_model: required (a sentencepiece .model or HF tokenizer.json)")
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        try:
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+        except DataError as e:  # the message names the file; say which key named it
+            raise DataError(f"data.tokenizer_model: {e}") from None
         check_data(cfg.data, self.tokenizer)
         if self.spec.check_config is not None:  # e.g. the teacher's (kd/teacher.py)
             self.spec.check_config(cfg, self.tokenizer.vocab_size)
@@ -125,6 +128,8 @@ class Trainer:
 
         # Building reads the teacher checkpoint (and checks its shapes): still before any write.
         chunks = self.build_model_chunks(self.tokenizer.vocab_size)
+        if cfg.checkpoint.load and resume_from is None:  # another model's checkpoint: one line, now
+            checkpointing.check_model_shapes(cfg.checkpoint.load, chunks, "checkpoint.load")
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
             create_run_dir(self.run_dir, cfg, overwrite=overwrite and not resume)

@@ -103,7 +103,7 @@ def test_cli_train_tokenizer_and_overwrite(corpus, tmp_path, capsys):
     assert load_tokenizer(prefix + ".tokenizer.model").vocab_size == corpus["summary"]["vocab_size"]
 
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert main(args + ["--tokenizer-model", corpus["tok"]]) == 1
+    assert main(args + ["--tokenizer-model", corpus["tok"]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--overwrite" in err and prefix in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
