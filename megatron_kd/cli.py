@@ -12,10 +12,16 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # before torch/megatron-core: a typo fails in 0.1 s
     from megatron_kd.run import train
+    from megatron_kd.training.nonfinite import EXIT_NONFINITE, NonFiniteError
     from megatron_kd.training.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED
 
-    state = train(cfg, resume=args.resume, overwrite=args.overwrite,
-                  exit_signals=DEFAULT_SIGNALS if args.exit_signal_handler else ())
+    try:
+        state = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                      exit_signals=DEFAULT_SIGNALS if args.exit_signal_handler else ())
+    except NonFiniteError as e:  # every rank exits 65; one line (rank 0), no traceback
+        if e.rank == 0:
+            print(f"megatron-kd train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
     return EXIT_PREEMPTED if state.stopped_by else 0
 
 
@@ -205,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace an existing demo run directory")
 
     t = sub.add_parser("train", help="train from a YAML recipe (launch with torchrun, srun or mpirun "
-                                     "for several ranks)")
+                                     "for several ranks)",
+                       epilog="exit status: 0 done; 2 bad input (nothing written); 65 diverged: a "
+                              "non-finite loss or grad norm (train.check_for_nan_in_loss_and_grad), "
+                              "nothing saved after it; 75 stopped by a signal after a checkpoint "
+                              "(--exit-signal-handler)")
     t.add_argument("--config", help="YAML recipe, e.g. examples/tiny/phase1_theta10k.yaml")
     t.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides applied after the recipe, e.g. train.lr=3e-4")

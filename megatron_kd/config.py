@@ -281,9 +281,25 @@ class TrainConfig:
     # rotary_dim / 2, half-open spans "a:b", comma-separated) at their initial (loaded) values in
     # every RoPE layer (models/rotary_freeze.py)
     freeze_rotary_frequencies: Optional[str] = None
+    # Megatron-LM's flag: refuse a step whose loss or grad norm is not finite, before the update
+    # (training/nonfinite.py); the run then ends with exit 65 and no checkpoint after that step
+    check_for_nan_in_loss_and_grad: bool = True
+    # skip up to N such steps per run segment (update not applied, counted in `skipped`) first
+    skip_nonfinite_steps: int = 0
+    # warn when a logged loss > factor x the median of the last 50 logged losses; 0 = off.
+    # 3: a diverging LM loss climbs from its 2-4 nats toward ln V (10-12 nats) before it
+    # overflows, 3-5x; 10 would fire only at the overflow the check above already stops, and
+    # below ~2 step-to-step noise of small batches would trigger it
+    loss_spike_factor: float = 3.0
 
     def __post_init__(self):
         _positive(self, "micro_batch_size", "global_batch_size", "train_iters", "lr")
+        if not isinstance(self.skip_nonfinite_steps, int) or self.skip_nonfinite_steps < 0:
+            raise ConfigError(f"train.skip_nonfinite_steps: expected an integer >= 0, got "
+                              f"{self.skip_nonfinite_steps!r}")
+        if not (self.loss_spike_factor == 0 or self.loss_spike_factor > 1):
+            raise ConfigError(f"train.loss_spike_factor: expected 0 (off) or a factor > 1, got "
+                              f"{self.loss_spike_factor!r}")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(
                 f"train.lr_decay_style: expected cosine|linear|constant, got {self.lr_decay_style!r}"

@@ -55,6 +55,12 @@ export NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING CUDA_DEVICE_MAX_CONNECTIONS OM
 
 MKD_EXIT_PREEMPTED=75   # megatron_kd/training/preemption.py EXIT_PREEMPTED
 MKD_EXIT_BAD_INPUT=2    # megatron-kd's exit status for a bad config / data / run directory
+# megatron_kd/training/nonfinite.py EXIT_NONFINITE: the loss or grad norm went NaN/inf (training
+# diverged), nothing saved after it. Never requeued: resuming would replay the same steps from
+# the same checkpoint. torchrun exits 1 whatever its ranks returned, so the ranks also write
+# <run dir>/logs/diverged.txt (nonfinite.py DIVERGED_MARKER); a new one means the same.
+MKD_EXIT_NONFINITE=65
+MKD_DIVERGED_MARKER=logs/diverged.txt
 
 mkd_log() { echo "[mkd $(date +%H:%M:%S)] $*"; }
 mkd_die() { echo "[mkd $(date +%H:%M:%S)] error: $*" >&2; exit "$MKD_EXIT_BAD_INPUT"; }
@@ -230,7 +236,8 @@ mkd_train() {
         flags+=(--overwrite)   # first start only: a requeued job must continue, not start over
     fi
     mkd_build_launch train "${flags[@]}" "${args[@]}" "checkpoint.save=$run_dir"
-    local latest
+    local latest marker="$run_dir/$MKD_DIVERGED_MARKER" marker_before
+    marker_before=$(stat -c %Y.%s "$marker" 2>/dev/null || echo none)
     latest=$(cat "$run_dir/checkpoints/latest_checkpointed_iteration.txt" 2>/dev/null || echo none)
     mkd_log "job $SLURM_JOB_ID (restart $MKD_RESTART) on $SLURM_JOB_NODELIST: $MKD_NNODES node(s)," \
             "world size $MKD_WORLD, launcher $MKD_LAUNCHER, master $MASTER_ADDR:$MASTER_PORT"
@@ -244,6 +251,14 @@ mkd_train() {
     if [ "$rc" = 0 ]; then
         mkd_log "training finished (latest checkpoint: $latest)"
         exit 0
+    fi
+    # Before the requeue rule: a warning signal may have come too, and a diverged run must stop.
+    if [ "$rc" = "$MKD_EXIT_NONFINITE" ] ||
+            [ "$(stat -c %Y.%s "$marker" 2>/dev/null || echo none)" != "$marker_before" ]; then
+        mkd_log "training diverged: $(cat "$marker" 2>/dev/null || echo "non-finite loss or grad norm (exit $rc)")"
+        mkd_log "not requeued (a resume would diverge again): the latest checkpoint $latest holds" \
+                "only finite updates; lower train.lr or allow train.skip_nonfinite_steps, then resubmit"
+        exit "$MKD_EXIT_NONFINITE"
     fi
     # Requeue after the warning signal (ours to handle), never after SIGTERM (a cancel stays a
     # cancel; Slurm requeues preempted jobs itself under PreemptMode=REQUEUE). torchrun hides the

@@ -10,6 +10,7 @@ This module imports nothing from kd/ or longred/: they register their specs
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from megatron_kd.config import ConfigError, RunConfig, validate_layout, validate
 from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
 from megatron_kd.training.metrics import MetricsLogger
+from megatron_kd.training.nonfinite import DIVERGED_MARKER, LossSpikeMonitor, NonFiniteError, StepCheck
 from megatron_kd.training.optimizer import (build_optimizer, build_scheduler, params_gathered,
                                              set_sync_funcs, wrap_ddp)
 from megatron_kd.training.preemption import StopOnSignal
@@ -159,6 +161,8 @@ class Trainer:
         set_sync_funcs(config, self.model, cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.train, cfg.parallel)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        # the optimizer step with the per-step agreement (stop signal, non-finite loss/grad norm)
+        self.step_check = StepCheck(self.stop, cfg.train.check_for_nan_in_loss_and_grad)
         self.objective = self.objective_factory(cfg, self.device)
 
         self.state = TrainState()
@@ -205,9 +209,9 @@ class Trainer:
         """Hook: the training micro-batch stream, resumed at the current state."""
         return self._iterators(self.train_ds, self.state.consumed_samples)
 
-    def _print(self, msg: str):
+    def _print(self, msg: str, file=None):
         if torch.distributed.get_rank() == 0:
-            print(msg, flush=True)
+            print(msg, file=file, flush=True)
 
     def _iterators(self, dataset, consumed: int):
         from megatron_kd.data import build_data_iterator
@@ -243,7 +247,8 @@ class Trainer:
         losses = self._forward_backward(data_iterator, forward_only=False)
         if self.rotary_freeze is not None:
             self.rotary_freeze.mask_grads()
-        update_ok, grad_norm, _ = self.optimizer.step()
+        # collective: decides (all ranks alike) between the grad norm and the update
+        update_ok, grad_norm = self.step_check.step(self.optimizer, losses)
         if self.rotary_freeze is not None:
             self.rotary_freeze.restore()
         if update_ok:
@@ -280,34 +285,59 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         save_interval = cfg.checkpoint.save_interval
         last_saved = st.iteration if st.iteration else None
+        skipped = 0  # steps not applied since the last logged one (Megatron-LM's count)
+        refused = 0  # non-finite steps in this run segment (nonfinite.py)
+        spikes = LossSpikeMonitor(cfg.train.loss_spike_factor) if cfg.train.loss_spike_factor else None
         while st.iteration < cfg.train.train_iters:
             t0 = time.perf_counter()
             reports, grad_norm, update_ok = self.train_step(it)
+            verdict = self.step_check.verdict  # what every rank agreed on in this step
             platform.synchronize()
             dt = time.perf_counter() - t0
             st.iteration += 1
             watchdog.progress(st.iteration)  # published with the rank's heartbeat
             st.consumed_samples += cfg.train.global_batch_size
+            skipped += int(not update_ok)
+            diverged = None
+            if verdict.nonfinite:
+                refused += 1
+                what = f"non-finite {self.step_check.describe()}"  # collective
+                if refused > cfg.train.skip_nonfinite_steps:
+                    diverged = (f"training diverged at iteration {st.iteration}: {what}; update not "
+                                f"applied, nothing saved (latest checkpoint: "
+                                f"{last_saved if last_saved is not None else 'none'}); lower train.lr "
+                                f"or allow train.skip_nonfinite_steps")
+                else:
+                    self._print(f"skipped iteration {st.iteration}: {what}; update not applied ({refused} "
+                                f"of train.skip_nonfinite_steps={cfg.train.skip_nonfinite_steps})",
+                                file=sys.stderr)
             if reports is not None:
                 st.history.append((st.iteration, reports[self.objective.name]))
-            if st.iteration % cfg.train.log_interval == 0 and reports is not None:
+            if reports is not None and (st.iteration % cfg.train.log_interval == 0 or diverged):
                 self.metrics.log(st.iteration, {
                     **reports,
                     "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
                     "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                     "tokens_per_s": tokens_per_step / dt,
-                    "skipped": int(not update_ok),
+                    "skipped": skipped,
                 })
+                skipped = 0
+                spike = spikes.observe(st.iteration, reports[self.objective.name]) if spikes else None
+                if spike and self.metrics.enabled:
+                    print(spike, file=sys.stderr, flush=True)
+            if diverged:
+                self._diverged(diverged)
             if cfg.train.eval_interval and st.iteration % cfg.train.eval_interval == 0:
                 val = self.evaluate()
                 if val is not None:
                     st.valid_history.append((st.iteration, val))
                     ppl = {"lm ppl": math.exp(min(val["lm loss"], 50))} if "lm loss" in val else {}
                     self.metrics.log(st.iteration, {**val, **ppl}, prefix="valid")
-            if save_interval and st.iteration % save_interval == 0:
+            # not at a refused step: every checkpoint follows an applied, finite update
+            if save_interval and st.iteration % save_interval == 0 and not verdict.nonfinite:
                 self.save()
                 last_saved = st.iteration
-            if self.stop.stop_requested():  # collective, once per step; checkpoint below
+            if verdict.stop:  # agreed in the step (StepCheck); checkpoint below
                 st.stopped_by = self.stop.describe()
                 self._print(f"{st.stopped_by} received: stopping after iteration {st.iteration}")
                 break
@@ -320,6 +350,16 @@ class Trainer:
         # soon after the first one exits, e.g. with 75 after a signal).
         torch.distributed.barrier()
         return st
+
+    def _diverged(self, message: str):
+        """End the run on every rank without saving: logs flushed, ``logs/diverged.txt`` for
+        launchers that hide exit codes (slurm/common.sh), then NonFiniteError (exit 65, cli.py)."""
+        self.metrics.close()
+        rank = torch.distributed.get_rank()
+        if rank == 0:
+            (self.run_dir / "logs" / DIVERGED_MARKER).write_text(message + "\n")
+        torch.distributed.barrier()
+        raise NonFiniteError(message, self.state.iteration, rank)
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,

@@ -18,7 +18,9 @@ How, and why this way:
 * All ranks must stop after the *same* step (Slurm signals nodes one at a time; torchrun forwards
   SIGTERM to its own workers only): each rank contributes its flag to one MAX all-reduce of one
   int32 over the world group per step, microseconds next to a step. Megatron-LM's
-  ``--exit-signal-handler`` makes the same trade with an all-gather.
+  ``--exit-signal-handler`` makes the same trade with an all-gather. The training loop folds this
+  flag into the non-finite check's all-reduce (nonfinite.py ``StepCheck``: still one collective
+  per step) and asks :meth:`StopOnSignal.requested_here` for the local flag.
 """
 from __future__ import annotations
 
@@ -96,15 +98,20 @@ class StopOnSignal:
                 break
             self._handle(info.si_signo, None)
 
+    def requested_here(self) -> bool:
+        """Whether this rank has received one of the signals (local, no communication)."""
+        if self.signals and _CAN_POLL:
+            self._collect_pending()
+        return self.received is not None
+
     def stop_requested(self) -> bool:
         """True on every rank iff any rank has received one of the signals (collective)."""
         if not self.signals:
             return False
-        if _CAN_POLL:
-            self._collect_pending()
+        here = self.requested_here()
         if self._flag is None:
             self._flag = torch.zeros(1, dtype=torch.int32, device=platform.device())
-        self._flag.fill_(0 if self.received is None else 1)
+        self._flag.fill_(int(here))
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(self._flag, op=torch.distributed.ReduceOp.MAX)
         return bool(self._flag.item())

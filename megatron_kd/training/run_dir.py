@@ -50,6 +50,9 @@ _RESUMABLE = {"train.train_iters", "train.eval_interval", "train.log_interval",
               "checkpoint.save_interval", "checkpoint.load", "train.exit_interval",
               # how checkpoints are checked and kept, not what is trained
               "checkpoint.keep_last", "checkpoint.verify", "checkpoint.load_strict",
+              # what happens on a non-finite step: resuming a diverged run with skips allowed
+              "train.check_for_nan_in_loss_and_grad", "train.skip_nonfinite_steps",
+              "train.loss_spike_factor",
               # how long a silent peer is waited for (watchdog.py), not what is trained
               "parallel.distributed_timeout_minutes"}
 
