@@ -147,5 +147,6 @@ def destroy() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    watchdog.stop_store_heartbeat()  # its TCPStore client must not outlive the group's store
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

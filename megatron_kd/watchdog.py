@@ -265,6 +265,7 @@ def _watchdog_main(argv) -> int:
 # ------------------------------------------------------------------ rank side
 _started = None  # the rank's (info, watchdog Popen), once started
 _iteration = 0
+_store_beat = None  # (stop Event, thread) of the store heartbeat, once started
 
 
 def progress(iteration: int) -> None:
@@ -298,20 +299,36 @@ def _beat_watchdog(beat_fd: int) -> None:
         time.sleep(HEARTBEAT_S)
 
 
-def _beat_store(info) -> None:
+def _beat_store(info, stop) -> None:
     """Apart from the pipe beat: a store that is not up yet (srun: rank 0 starts it) or stopped
     blocks a call for up to its timeout, and the watchdog must not take that for a frozen rank."""
     import socket
 
     key, host, store = _KEY.format(attempt=_attempt(), rank=info.rank), socket.gethostname(), None
-    while True:
+    while not stop.is_set():
         try:
             if store is None:
                 store = _store(info, 30.0)
             store.set(key, f"{time.time():.3f} {_iteration} {os.getpid()} {host}")
         except Exception:  # the store is not up yet, or gone: the pipe beat goes on
             store = None
-        time.sleep(HEARTBEAT_S)
+        stop.wait(HEARTBEAT_S)
+    del store  # the client closes in this thread, before the process group goes
+
+
+def stop_store_heartbeat(timeout_s: float = 5.0) -> None:
+    """End the store heartbeat thread before the process group (and, under srun / mpirun, the
+    store server in rank 0) is destroyed, and at exit: a daemon thread still inside a TCPStore
+    call when the interpreter finalises aborts the process ("terminate called without an active
+    exception", exit 134 instead of the run's own code; 1 of 6 toy runs did here)."""
+    global _store_beat
+    if _store_beat is None:
+        return
+    stop, thread = _store_beat
+    _store_beat = None
+    stop.set()
+    # a beat takes milliseconds; a thread stuck on a dead store (a failing run) is not waited for
+    thread.join(timeout_s)
 
 
 def silent_ranks(info=None, timeout_s: float = 5.0) -> str:
@@ -355,6 +372,7 @@ def start(info, timeout_minutes: float) -> bool:
     global _started
     if _started is not None or info.launcher == "single" or not sys.platform.startswith("linux"):
         return _started is not None  # /proc and pidfds: Linux
+    import atexit
     import subprocess
     import threading
 
@@ -376,8 +394,12 @@ def start(info, timeout_minutes: float) -> bool:
     _started = (info, proc)
     threading.Thread(target=_beat_watchdog, args=(beat_fd,), daemon=True,
                      name="megatron_kd-heartbeat-watchdog").start()
-    threading.Thread(target=_beat_store, args=(info,), daemon=True,
-                     name="megatron_kd-heartbeat-store").start()
+    global _store_beat
+    stop = threading.Event()
+    _store_beat = (stop, threading.Thread(target=_beat_store, args=(info, stop), daemon=True,
+                                          name="megatron_kd-heartbeat-store"))
+    _store_beat[1].start()
+    atexit.register(stop_store_heartbeat)  # before finalisation freezes daemon threads
     return True
 
 

@@ -178,9 +178,11 @@ def test_bad_input_fails_fast_with_a_clear_message(slurm, kd_recipe, tmp_path):
         "no_config": submit(slurm, tmp_path, "no-config", [*LAYOUT], job_env(tmp_path / "r1")),
         "unwritable": submit(slurm, tmp_path, "unwritable", ["--config", str(kd_recipe)],
                              job_env(blocker / "run")),
-        # 2 ranks cannot hold TP=4: the arithmetic reaches the job log from the ranks
+        # 2 ranks cannot hold TP=4 (a model that TP=4 divides: the model's own divisibility is
+        # checked first): the arithmetic reaches the job log from the ranks
         "layout": submit(slurm, tmp_path, "layout", ["--config", str(kd_recipe),
-                                                     "parallel.tensor_model_parallel_size=4"],
+                                                     "parallel.tensor_model_parallel_size=4",
+                                                     "model.num_query_groups=4"],
                          job_env(tmp_path / "r3")),
         "eval_no_checkpoint": submit(slurm, tmp_path, "eval", ["--tasks", "passkey"], job_env(tmp_path / "r4"),
                                      script=REPO / "slurm" / "eval.sbatch"),
