@@ -17,10 +17,15 @@ class LocalNorm:
     """Same constructor as megatron's norm classes; returns a plain torch norm."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        # in params_dtype like every other parameter: megatron's torch norm is made in fp32 and
+        # cast by Megatron-LM's Float16Module, which this builder does not use; an fp32 norm in a
+        # bf16 model broke the (non-distributed) bf16 optimizer's checkpoint save ("Param id ...
+        # does not match any model sharded param": it maps only the bf16 groups)
+        kwargs = {"eps": eps, "dtype": config.params_dtype}
         if config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = torch.nn.LayerNorm(hidden_size, **kwargs)
         elif config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm = torch.nn.RMSNorm(hidden_size, **kwargs)
         else:
             raise ValueError(f"normalization={config.normalization!r}: expected LayerNorm or RMSNorm")
         for p in norm.parameters():
