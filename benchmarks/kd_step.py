@@ -31,7 +31,8 @@ def main():
     from megatron_kd.config import KDConfig, ModelConfig, ParallelConfig
     from megatron_kd.data.packing import (document_attention_mask, document_ids_from_tokens,
                                           position_ids_from_document_ids)
-    from megatron_kd.kd.distill_model import DistillationModel, freeze
+    from megatron_kd.kd.distill_model import DistillationModel
+    from megatron_kd.kd.pair import freeze
     from megatron_kd.models import build_model
 
     distributed.init_distributed()
