@@ -130,27 +130,24 @@ def _traced(pid: int) -> bool:
 
 def _kill(pid: int, start: int) -> bool:
     """SIGKILL pid if it is still the process that started at ``start`` (pid reuse)."""
-    try:
+    try:  # a pidfd pins the process: a start time read after opening it is its own
         fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # no pidfds (old kernel): check, then kill by pid
+        fd = None
+    try:
         st = _stat(pid)
         if st is None or st[3] != start:
             return False
-        try:
+        if fd is None:
             os.kill(pid, signal.SIGKILL)
-            return True
-        except OSError:
-            return False
-    try:  # the pidfd pins the process: a start time read after opening it is its own
-        st = _stat(pid)
-        if st is None or st[3] != start:
-            return False
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
         return True
     except OSError:
         return False
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _alive(pid: int, start: int) -> bool:
@@ -183,9 +180,9 @@ class _Watchdog:
         descendants can be in it, orphaned or not. Not the process group: srun puts a node's
         tasks in one group, led by its first task."""
         table = _scan()
-        self.remember(table)
+        self.remember(table)  # known: only the processes still alive in this table
         me = os.getpid()
-        found = {p: s for p, s in self.known.items() if p in table and table[p][3] == s}
+        found = dict(self.known)
         for pid in _descendants(table, list(found) + [self.rank_pid]):
             found[pid] = table[pid][3]
         if self.rank_sid == self.rank_pid:
