@@ -3,6 +3,10 @@
 #   bash tools/install.sh          # runtime (what `megatron-kd demo` needs)
 #   bash tools/install.sh test     # + test dependencies
 #   bash tools/install.sh gpu      # + test dependencies + transformer-engine (CUDA machine, nvcc)
+#   bash tools/install.sh system   # only the Debian packages the launcher tests need (below)
+# test/gpu first make sure the launcher tests' system packages are there (tests/slurm: a real
+# Slurm + munge, OpenMPI's mpirun): missing ones are installed with apt-get when running as root
+# or with passwordless sudo; otherwise it stops at once with the one command to run.
 # TORCH_SPEC picks the torch build (default torch==2.13.0: the CPU wheel on the CI machines, a
 # CUDA wheel from PyPI elsewhere). Re-running is cheap: pip skips what is installed.
 # gpu: TE's PyTorch extension has no wheel on PyPI; it is built from its sdist against the torch
@@ -12,7 +16,36 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 MODE=${1:-}
-case "$MODE" in ""|test|gpu) ;; *) echo "install.sh: unknown mode '$MODE'; expected nothing, 'test' or 'gpu'" >&2; exit 2;; esac
+case "$MODE" in ""|test|gpu|system) ;; *) echo "install.sh: unknown mode '$MODE'; expected nothing, 'test', 'gpu' or 'system'" >&2; exit 2;; esac
+
+# Debian packages whose programs are missing. Looked up on MKD_SYSTEM_PATH (default: PATH plus the
+# sbin directories a non-root PATH lacks); tests/unit/test_install_system.py points it elsewhere.
+missing_system_packages() {
+  local path=${MKD_SYSTEM_PATH:-$PATH:/usr/sbin:/sbin} pkg prog missing=()
+  for pkg in slurm-wlm:slurmctld,slurmd,slurmstepd,sbatch,srun,scontrol munge:munged openmpi-bin:mpirun; do
+    for prog in $(tr , ' ' <<<"${pkg#*:}"); do
+      PATH=$path command -v "$prog" >/dev/null || { missing+=("${pkg%%:*}"); break; }
+    done
+  done
+  echo "${missing[*]}"
+}
+if [ "$MODE" = test ] || [ "$MODE" = gpu ] || [ "$MODE" = system ]; then
+  MISSING=$(missing_system_packages)
+  if [ -n "$MISSING" ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=sudo
+    else
+      echo "install.sh: the Slurm/MPI tests need Debian packages ($MISSING); run: sudo apt-get install -y $MISSING" >&2
+      exit 1
+    fi
+    echo "install.sh: installing $MISSING (apt-get)"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING >/dev/null
+    MISSING=$(missing_system_packages)
+    [ -z "$MISSING" ] || { echo "install.sh: apt-get finished but programs of $MISSING are still missing" >&2; exit 1; }
+  fi
+  [ "$MODE" != system ] || exit 0
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -1,7 +1,7 @@
 """Fixtures for the launcher tests: a real one-node Slurm, a tiny KD recipe, its single-process run.
 
-The Slurm tests FAIL (not skip) when the Slurm/munge binaries are missing: CI installs them
-(.ci/run), so a missing binary there is a broken setup, not an optional feature.
+The Slurm tests FAIL (not skip) when the Slurm/munge binaries are missing: `tools/install.sh test`
+installs them, so a missing binary there is a broken setup, not an optional feature.
 """
 from __future__ import annotations
 

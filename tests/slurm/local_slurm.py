@@ -1,6 +1,6 @@
 """A real one-node Slurm on localhost for the tests: munged, slurmctld and slurmd in a temp dir.
 
-Debian's ``slurm-wlm`` and ``munge`` (``.ci/run`` installs them). Everything lives under one
+Debian's ``slurm-wlm`` and ``munge`` (``tools/install.sh test`` installs them). Everything lives under one
 directory: the munge key and socket, ``slurm.conf`` (``SLURM_CONF`` points every client command at
 it), state and spool dirs, daemon logs. The daemons run in the foreground as children of this
 process, so they are stopped by their PIDs, never by name.
@@ -98,7 +98,7 @@ class LocalSlurm:
         if missing:
             raise SlurmMissing(
                 f"Slurm/munge binaries not found: {', '.join(missing)}; the Slurm tests need Debian's "
-                "packages: apt-get install -y slurm-wlm munge openmpi-bin (.ci/run installs them)")
+                "packages: apt-get install -y slurm-wlm munge openmpi-bin (`bash tools/install.sh test` installs them)")
         for sub in ("munge", "state", "spool", "run", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)

@@ -17,7 +17,7 @@ from conftest import LAYOUT, RTOL, STEPS, child_env, curve, run, train_cmd
 def test_mpirun_matches_single_process(kd_recipe, reference, tmp_path):
     mpirun = shutil.which("mpirun")
     if mpirun is None:
-        pytest.fail("mpirun not found: apt-get install -y openmpi-bin (.ci/run installs it)", pytrace=False)
+        pytest.fail("mpirun not found: apt-get install -y openmpi-bin (`bash tools/install.sh test` installs it)", pytrace=False)
     import mpi4py  # noqa: F401  (installed by tools/install.sh test; a missing one fails here)
 
     env = child_env(
