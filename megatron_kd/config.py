@@ -13,7 +13,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional, Union
 
 import yaml
 
@@ -63,7 +63,9 @@ class ModelConfig:
     attn_temperature_scale: float = 0.1
     # Mixture of experts (megatron-core MoE; Llama-4: top-1 sigmoid routing + a shared expert)
     num_moe_experts: Optional[int] = None
-    moe_layer_freq: int = 1  # every N-th layer is MoE (the others dense)
+    # every N-th layer is MoE (the others dense), or a per-layer 0/1 list (megatron-core's and
+    # Megatron-LM's --moe-layer-freq accept both; a HF Llama-4 moe_layers pattern maps to the list)
+    moe_layer_freq: Union[int, List[int]] = 1
     moe_ffn_hidden_size: Optional[int] = None  # routed expert FFN size; None = ffn_hidden_size
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_router_topk: int = 1
@@ -168,15 +170,28 @@ def _check_hf_family_options(m, n: str) -> None:
         if not 1 <= m.moe_router_topk <= m.num_moe_experts:
             raise ConfigError(f"{n}.moe_router_topk={m.moe_router_topk}: expected 1..num_moe_experts"
                               f"={m.num_moe_experts}")
-        if m.moe_layer_freq < 1 or m.num_layers % m.moe_layer_freq:
+        if isinstance(m.moe_layer_freq, list):
+            if len(m.moe_layer_freq) != m.num_layers or any(v not in (0, 1) for v in m.moe_layer_freq):
+                raise ConfigError(f"{n}.moe_layer_freq={m.moe_layer_freq}: expected a 0/1 list with one entry "
+                                  f"per layer (num_layers={m.num_layers})")
+        elif m.moe_layer_freq < 1 or m.num_layers % m.moe_layer_freq:
             raise ConfigError(f"{n}.moe_layer_freq={m.moe_layer_freq}: expected a positive divisor of "
-                              f"num_layers={m.num_layers}")
+                              f"num_layers={m.num_layers} or a 0/1 list with one entry per layer")
         if m.moe_router_score_function not in ("softmax", "sigmoid"):
             raise ConfigError(f"{n}.moe_router_score_function: expected softmax|sigmoid, got "
                               f"{m.moe_router_score_function!r}")
         if m.moe_token_dispatcher_type not in ("allgather", "alltoall"):
             raise ConfigError(f"{n}.moe_token_dispatcher_type: expected allgather|alltoall, got "
                               f"{m.moe_token_dispatcher_type!r}")
+
+
+def moe_layer_pattern(m) -> List[int]:
+    """Per-layer 1 (MoE) / 0 (dense) of a model section, from either form of moe_layer_freq."""
+    if not m.num_moe_experts:
+        return [0] * m.num_layers
+    if isinstance(m.moe_layer_freq, list):
+        return [int(v) for v in m.moe_layer_freq]
+    return [int((i + 1) % m.moe_layer_freq == 0) for i in range(m.num_layers)]
 
 
 @dataclass
@@ -507,6 +522,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check/convert one value against a dataclass field annotation (strings from the CLI)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Union and isinstance(value, list):  # Union[int, List[int]]
+        listed = [a for a in args if typing.get_origin(a) is list]
+        if listed:
+            return [_coerce(v, typing.get_args(listed[0])[0], key) for v in value]
     if origin is typing.Union:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None

@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from megatron_kd.config import ConfigError, RunConfig, validate_layout
+from megatron_kd.config import ConfigError, RunConfig, moe_layer_pattern, validate_layout
 from megatron_kd.data.cp_layout import cp_capacity
 from megatron_kd.models.builder import padded_vocab_size
 
@@ -79,7 +79,7 @@ def layer_params(m, tp: int, moe: bool = False, ep: int = 1, active: bool = Fals
 
 def _is_moe(m, i: int) -> bool:
     """0-based layer index -> MoE layer (models/llama4.py's interleave)."""
-    return bool(m.num_moe_experts) and (i + 1) % m.moe_layer_freq == 0
+    return bool(moe_layer_pattern(m)[i])
 
 
 def params_per_rank(m, parallel, vocab_size: int, seq_length: int) -> List[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_kd.config import ConfigError
+from megatron_kd.config import ConfigError, moe_layer_pattern
 
 #: HF ``architectures[0]`` -> family name used by the weight mapping (hf_weights.py)
 SUPPORTED = {
@@ -99,12 +99,24 @@ def _llama4_section(hf: dict, source: str) -> dict:
     n = hf["num_hidden_layers"]
     step = hf.get("interleave_moe_layer_step", 1)
     moe_layers = hf.get("moe_layers")
-    if moe_layers is not None and list(moe_layers) != list(range(step - 1, n, step)):
-        raise ConfigError(f"{source}: moe_layers={moe_layers} is not every interleave_moe_layer_step"
-                          f"={step}-th layer; only that pattern is supported")
-    interval = hf.get("no_rope_layer_interval")
+    if moe_layers is None:  # transformers' default: every step-th layer, whether or not step divides n
+        if not isinstance(step, int) or step < 1:
+            raise ConfigError(f"{source}: interleave_moe_layer_step={step!r}; expected a positive integer")
+        moe_layers = list(range(step - 1, n, step))
+    bad = [i for i in moe_layers if not isinstance(i, int) or not 0 <= i < n]
+    if bad or len(set(moe_layers)) != len(moe_layers):
+        raise ConfigError(f"{source}: moe_layers={list(moe_layers)}: expected distinct layer indices in "
+                          f"0..{n - 1} (num_hidden_layers={n})")
+    pattern = [int(i in set(moe_layers)) for i in range(n)]
+    # megatron-core's moe_layer_freq: an int N (every N-th layer) when that is the pattern, else the
+    # per-layer 0/1 list it also accepts (Megatron-LM's --moe-layer-freq "[0,1,...]")
+    freq = next((k for k in range(1, n + 1) if n % k == 0
+                 and pattern == [int((i + 1) % k == 0) for i in range(n)]), pattern)
+    interval = hf.get("no_rope_layer_interval", 4)  # transformers' defaults for absent keys
     nope = hf.get("no_rope_layers")
-    if nope is not None:
+    if nope and all(v == 1 for v in nope):  # RoPE in every layer (an exported model without NoPE)
+        interval = None
+    elif nope:
         want = [int((i + 1) % interval != 0) for i in range(n)] if interval else [1] * n
         if list(nope) != want:
             raise ConfigError(f"{source}: no_rope_layers is not every no_rope_layer_interval={interval}-th "
@@ -114,7 +126,7 @@ def _llama4_section(hf: dict, source: str) -> dict:
     out = dict(
         ffn_hidden_size=hf["intermediate_size_mlp"],
         num_moe_experts=hf["num_local_experts"],
-        moe_layer_freq=step,
+        moe_layer_freq=freq,
         moe_ffn_hidden_size=hf["intermediate_size"],
         moe_shared_expert_intermediate_size=hf["intermediate_size"],
         moe_router_topk=hf.get("num_experts_per_tok", 1),
@@ -123,7 +135,7 @@ def _llama4_section(hf: dict, source: str) -> dict:
         no_rope_freq=interval or None,
         qk_l2_norm=bool(hf.get("use_qk_norm", True)),
         attention_chunk_size=hf.get("attention_chunk_size"),
-        attn_temperature_tuning=bool(hf.get("attn_temperature_tuning", False)) and bool(interval),
+        attn_temperature_tuning=bool(hf.get("attn_temperature_tuning", True)) and bool(interval),
         attn_temperature_floor_scale=float(hf.get("floor_scale", 8192)),
         attn_temperature_scale=float(hf.get("attn_scale", 0.1)),
     )
@@ -176,18 +188,45 @@ def hf_config(m, vocab_size: int, family: str, base: Optional[dict] = None) -> d
     if family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     if family == "llama4":
-        step = m.moe_layer_freq
-        out.update(
-            intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
-            intermediate_size_mlp=m.ffn_hidden_size or 4 * m.hidden_size,
-            num_local_experts=m.num_moe_experts, num_experts_per_tok=m.moe_router_topk,
-            interleave_moe_layer_step=step, moe_layers=list(range(step - 1, m.num_layers, step)),
-            no_rope_layer_interval=m.no_rope_freq or 0,
-            no_rope_layers=[int(not m.no_rope_freq or (i + 1) % m.no_rope_freq != 0)
-                            for i in range(m.num_layers)],
-            use_qk_norm=m.qk_l2_norm, attention_chunk_size=m.attention_chunk_size,
-            attn_temperature_tuning=m.attn_temperature_tuning,
-            floor_scale=m.attn_temperature_floor_scale, attn_scale=m.attn_temperature_scale,
-            attention_bias=False,
-        )
+        out.update(_llama4_hf(m, base or {}))
+    _keep_types(out, base or {})
     return out
+
+
+def _llama4_hf(m, base: dict) -> dict:
+    n = m.num_layers
+    pattern = moe_layer_pattern(m)
+    moe_layers = [i for i, v in enumerate(pattern) if v]
+    # interleave_moe_layer_step only matters to transformers when moe_layers is absent; keep the
+    # imported value, else the step that generates the pattern (1 when none does)
+    step = base.get("interleave_moe_layer_step") or next(
+        (k for k in range(1, n + 1) if moe_layers == list(range(k - 1, n, k))), 1)
+    floor = m.attn_temperature_floor_scale
+    if float(floor) != int(floor):
+        raise ConfigError(f"export: model.attn_temperature_floor_scale={floor}; Llama-4's config.json "
+                          "field floor_scale is an integer")
+    return dict(
+        intermediate_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        intermediate_size_mlp=m.ffn_hidden_size or 4 * m.hidden_size,
+        num_local_experts=m.num_moe_experts, num_experts_per_tok=m.moe_router_topk,
+        interleave_moe_layer_step=step, moe_layers=moe_layers,
+        # transformers computes its default NoPE list from the interval even when no_rope_layers is
+        # given (0 divides by zero), so a model without NoPE layers still gets a positive interval
+        no_rope_layer_interval=m.no_rope_freq or base.get("no_rope_layer_interval") or 4,
+        no_rope_layers=[int(not m.no_rope_freq or (i + 1) % m.no_rope_freq != 0) for i in range(n)],
+        use_qk_norm=m.qk_l2_norm, attention_chunk_size=m.attention_chunk_size,
+        attn_temperature_tuning=m.attn_temperature_tuning,
+        floor_scale=int(floor), attn_scale=m.attn_temperature_scale,
+        attention_bias=False,
+    )
+
+
+def _keep_types(out: dict, base: dict) -> None:
+    """Write every field back with the JSON type it was imported with: our config holds some
+    integers as floats, and transformers 5's strict config classes refuse ``8.0`` for an int."""
+    for key, old in base.items():
+        new = out.get(key)
+        if type(old) is int and isinstance(new, float) and new.is_integer():
+            out[key] = int(new)
+        elif type(old) is float and type(new) is int:
+            out[key] = float(new)

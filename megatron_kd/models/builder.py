@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_kd import platform
+from megatron_kd.config import moe_layer_pattern
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
@@ -84,8 +85,7 @@ def _hf_family_options(model_cfg) -> dict:
     if m.num_moe_experts:
         out.update(
             num_moe_experts=m.num_moe_experts,
-            moe_layer_freq=([1 if (i + 1) % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
-                            if m.moe_layer_freq > 1 else 1),
+            moe_layer_freq=moe_layer_pattern(m) if m.moe_layer_freq != 1 else 1,
             moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_router_topk=m.moe_router_topk,
@@ -204,7 +204,7 @@ def count_parameters(model_cfg, vocab_size: int, seq_length: int = 0) -> int:
         e, f = model_cfg.num_moe_experts, model_cfg.moe_ffn_hidden_size or ffn
         shared = model_cfg.moe_shared_expert_intermediate_size
         moe_layer = per_layer - mlp(ffn) + e * h + e * mlp(f) + (mlp(shared) if shared else 0)
-        n_moe = model_cfg.num_layers // model_cfg.moe_layer_freq
+        n_moe = sum(moe_layer_pattern(model_cfg))
         return (n_moe * moe_layer + (model_cfg.num_layers - n_moe) * per_layer
                 + _embedding_parameters(model_cfg, vocab_size, seq_length) + norm)
     return model_cfg.num_layers * per_layer + _embedding_parameters(model_cfg, vocab_size, seq_length) + norm

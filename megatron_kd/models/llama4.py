@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from megatron_kd.config import moe_layer_pattern
 from megatron_kd.models.gpt_model import PositionIdGPTModel
 from megatron_kd.models.te_thd import chunked_cu_seqlens, is_thd_metadata
 
@@ -50,7 +51,7 @@ def is_nope_layer(model_cfg, i: int) -> bool:
 
 
 def is_moe_layer(model_cfg, i: int) -> bool:
-    return bool(model_cfg.num_moe_experts) and (i + 1) % model_cfg.moe_layer_freq == 0
+    return bool(moe_layer_pattern(model_cfg)[i])
 
 
 CHUNK_ID_STRIDE = 1 << 32  # document ids are window-local (< seq_length), chunks < 2^32

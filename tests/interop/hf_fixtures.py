@@ -42,11 +42,17 @@ def tiny_config(family: str, vocab: int = 256):
             head_dim=16, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
             no_rope_layer_interval=2, attention_chunk_size=8, attn_temperature_tuning=True,
             floor_scale=4, attn_scale=0.5, use_qk_norm=True, rope_theta=10000.0)
+    if family == "llama4_sparse":  # interleave step 2 over 3 layers: MoE at layer 1 only (2 does not divide 3)
+        return tf.Llama4TextConfig(
+            **{**common, "num_hidden_layers": 3, "intermediate_size": 48}, intermediate_size_mlp=96,
+            head_dim=16, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+            no_rope_layer_interval=3, attention_chunk_size=8, attn_temperature_tuning=True,
+            floor_scale=4, attn_scale=0.5, use_qk_norm=True, rope_theta=10000.0)
     raise ValueError(family)
 
 
 CLASSES = {"llama": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-           "qwen3": "Qwen3ForCausalLM", "llama4": "Llama4ForCausalLM"}
+           "qwen3": "Qwen3ForCausalLM", "llama4": "Llama4ForCausalLM", "llama4_sparse": "Llama4ForCausalLM"}
 
 
 def make_hf_model(family: str, out: Path, seed: int = 0, vocab: int = 256):

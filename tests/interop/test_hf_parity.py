@@ -21,7 +21,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "tests" / "multirank"))
 from multirank_util import child_env, free_port  # noqa: E402
 
-FAMILIES = ["llama", "llama_tied", "qwen2", "qwen3", "llama4"]
+FAMILIES = ["llama", "llama_tied", "qwen2", "qwen3", "llama4", "llama4_sparse"]
 SEQ = 40  # longer than the Llama-4 fixture's attention chunk (8) and floor_scale (4)
 TOL = 1e-5  # fp32; observed max |diff| ~3e-7 (summation order)
 
@@ -60,7 +60,7 @@ def test_logits_equal_transformers(converted, tp, family):
     assert r["max_abs_logit"] > 0.1, r  # the comparison is not between two near-zero tensors
     assert r["max_abs_diff"] < TOL, r
     assert r["argmax_agree"] == 1.0, r
-    if family == "llama4":  # chunking and temperature tuning both change the logits here
+    if family.startswith("llama4"):  # chunking and temperature tuning both change the logits here
         assert r["diff_without_chunk_size"] > 100 * TOL, r
         assert r["diff_without_temperature"] > 100 * TOL, r
 
@@ -97,6 +97,26 @@ def test_export_round_trip_is_bit_exact(converted, family):
                 "tie_word_embeddings", "rope_parameters", "intermediate_size"):
         assert back.get(key) == src.get(key), key
     assert (out / f"{family}_back" / "tokenizer.json").is_file()
+    for key, value in src.items():  # every field keeps its JSON type (transformers 5 validates them)
+        if key in back and key not in ("dtype", "torch_dtype", "transformers_version"):
+            assert type(back[key]) is type(value), (key, value, back[key])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_loads_in_transformers_with_the_same_logits(converted, family):
+    """The exported directory is what a user hands to transformers: it must load (strict config
+    validation included) and compute the original model's logits."""
+    import transformers
+
+    out, _ = converted
+    tokens = torch.randint(1, 256, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name in (family, f"{family}_back"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[name] = model(tokens).logits
+    assert logits[family].abs().max() > 0.1
+    assert torch.equal(logits[family], logits[f"{family}_back"])
 
 
 def test_summary_counts_every_tensor(converted):
