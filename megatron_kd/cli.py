@@ -182,6 +182,48 @@ def _plan(args) -> int:
     return plan_main(args)
 
 
+def _add_cache_teacher_parser(sub) -> None:
+    from megatron_kd.config import DataConfig as _DataConfig  # (the kd package would import torch)
+
+    c = sub.add_parser(
+        "cache-teacher",
+        help="run a teacher once over a packed dataset and store its top-k log-probs + tail mass per "
+             "token (offline KD: kd.teacher_source=cache); launch TP x DP ranks like train",
+        epilog="writes <output>/{build.json, train/, valid/, manifest.json}; rerun the same command to "
+               "resume a killed build. Train from it with kd.teacher_source=cache kd.teacher_cache=<output>.")
+    c.add_argument("--checkpoint", required=True, help="the teacher: a run directory (config.yaml + "
+                                                       "checkpoints/), its checkpoints/ or one iter_* dir")
+    c.add_argument("--data", required=True, help="<prefix> of the student's <prefix>.bin/.idx")
+    c.add_argument("--top-k", type=int, required=True, help="entries kept per token (1..vocab size)")
+    c.add_argument("--top-p", type=float, default=None,
+                   help="keep only the smallest prefix of the top-k whose mass reaches P (padded to k)")
+    c.add_argument("--output", default=None, help="cache directory (default: <prefix>_teacher_top<K>)")
+    c.add_argument("--tokenizer", default=None, help="default: the teacher run's data.tokenizer_model")
+    c.add_argument("--seq-length", type=int, default=None,
+                   help="window length = the student's data.seq_length (default: the teacher run's)")
+    c.add_argument("--split", default=_DataConfig.split, help="data.split of the student runs "
+                                                             f"(default {_DataConfig.split!r})")
+    c.add_argument("--seed", type=int, default=_DataConfig.seed, help="data.seed of the student runs")
+    c.add_argument("--positions", choices=("global", "reset"), default="global",
+                   help="teacher position ids: global (default) or reset per document "
+                        "(data.reset_position_ids / teacher.reset_position_ids in the run)")
+    c.add_argument("--temperature", type=float, default=1.0, help="log-probs of softmax(z / T) (default 1)")
+    c.add_argument("--train-samples", type=int, default=None,
+                   help="train windows to cache (default: one epoch of the train split)")
+    c.add_argument("--valid-samples", type=int, default=None,
+                   help="valid windows (default: one epoch of the valid split; 0: none)")
+    c.add_argument("--tensor-model-parallel-size", type=int, default=1, help="teacher TP (world = TP x DP)")
+    c.add_argument("--micro-batch-size", type=int, default=4, help="windows per teacher forward")
+    c.add_argument("--bf16", action="store_true", help="teacher forward in bf16 (log-probs stored in fp32)")
+    c.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+
+
+def _cache_teacher(args) -> int:
+    from megatron_kd.kd.cache_teacher import run
+
+    return run(args)
+
+
 def _add_checkpoint_parser(sub) -> None:
     from megatron_kd.training.integrity import add_parser
 
@@ -236,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     add_eval_parser(sub)
     _add_checkpoint_parser(sub)
+    _add_cache_teacher_parser(sub)
 
     sub.add_parser("preprocess", add_help=False,
                    help="JSONL/text -> tokenizer -> megatron .bin/.idx (see `preprocess --help`)")
@@ -290,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _checkpoint(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "cache-teacher":
+            return _cache_teacher(args)
         return _preprocess(args, rest)
     except Exception as e:
         if not isinstance(e, _input_errors()):

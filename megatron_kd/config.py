@@ -386,8 +386,21 @@ class KDConfig:
     loss_impl: str = "auto"
     fused_min_tokens: int = 8192
     fused_chunk_size: Optional[int] = None  # tokens per chunk; None = ~16M logits per chunk
+    # live: run the teacher every step; cache: read its top-k entries from kd.teacher_cache (a
+    # `megatron-kd cache-teacher` directory; no teacher is built). cache_loss: tail = KL over the
+    # k cached ids + one tail bin; renormalized = the live kd.top_k loss (kd/cached_loss.py)
+    teacher_source: str = "live"
+    teacher_cache: Optional[str] = None
+    cache_loss: str = "tail"
 
     def __post_init__(self):
+        if self.teacher_source not in ("live", "cache"):
+            raise ConfigError(f"kd.teacher_source: expected live|cache, got {self.teacher_source!r}")
+        if self.teacher_source == "cache" and not self.teacher_cache:
+            raise ConfigError("kd.teacher_source=cache needs kd.teacher_cache (a directory written by "
+                              "megatron-kd cache-teacher)")
+        if self.cache_loss not in ("tail", "renormalized"):
+            raise ConfigError(f"kd.cache_loss: expected tail|renormalized, got {self.cache_loss!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"kd.alpha: expected a value in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
