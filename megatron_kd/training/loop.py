@@ -99,7 +99,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
 
-        from megatron_kd.data import DataError, build_packed_datasets, check_data, load_tokenizer
+        from megatron_kd.data import DataError, check_data, load_tokenizer
 
         cfg = self.cfg
         # Every input is checked before anything is written or computed.
@@ -193,13 +193,21 @@ class Trainer:
                                               parse_frequency_spans(cfg.train.freeze_rotary_frequencies),
                                               tp=cfg.parallel.tensor_model_parallel_size)
 
-        total = cfg.train.train_iters * cfg.train.global_batch_size
-        eval_windows = cfg.train.eval_iters * cfg.train.global_batch_size
-        self.train_ds, self.valid_ds, _ = build_packed_datasets(
-            cfg.data, self.tokenizer, cache_dir=str(self.run_dir / "data_cache"),
-            num_samples=(total, eval_windows if cfg.train.eval_iters else None, None))
+        self.train_ds, self.valid_ds = self.build_datasets()
         self.metrics = MetricsLogger(self.run_dir, enabled=_is_logging_rank())
         return self
+
+    def build_datasets(self):
+        """Hook: the (train, valid) packed datasets (kd_cache: the cache's windows, with its rows)."""
+        from megatron_kd.data import build_packed_datasets
+
+        cfg = self.cfg
+        total = cfg.train.train_iters * cfg.train.global_batch_size
+        eval_windows = cfg.train.eval_iters * cfg.train.global_batch_size
+        train_ds, valid_ds, _ = build_packed_datasets(
+            cfg.data, self.tokenizer, cache_dir=str(self.run_dir / "data_cache"),
+            num_samples=(total, eval_windows if cfg.train.eval_iters else None, None))
+        return train_ds, valid_ds
 
     def build_model_chunks(self, vocab_size: int) -> list:
         """The spec's chunks (student + teacher wrappers for KD and LongReD), else the student's."""

@@ -53,9 +53,11 @@ def registered_train_specs() -> list:
 
 def select_train_spec(cfg: RunConfig) -> tuple:
     """(spec name, the config setting that selects it): LongReD with a ``longred`` section, KD with
-    ``kd.alpha > 0``, else CE (phase 1 and the alpha = 0 baseline: no teacher is built or run)."""
+    ``kd.alpha > 0`` (from a teacher cache with ``kd.teacher_source=cache``), else CE (phase 1 and the alpha = 0 baseline: no teacher is built or run)."""
     if cfg.longred is not None:
         return "longred", "a longred section"
+    if cfg.kd.alpha > 0 and cfg.kd.teacher_source == "cache":
+        return "kd_cache", f"kd.alpha={cfg.kd.alpha} and kd.teacher_source=cache"
     if cfg.kd.alpha > 0:
         return "kd", f"kd.alpha={cfg.kd.alpha}"
     return "ce", f"kd.alpha={cfg.kd.alpha} and no longred section"
