@@ -301,7 +301,9 @@ def _beat_store(info, stop) -> None:
     blocks a call for up to its timeout, and the watchdog must not take that for a frozen rank."""
     import socket
 
-    key, host, store = _KEY.format(attempt=_attempt(), rank=info.rank), socket.gethostname(), None
+    # Slurm's node name where there is one: the name a user finds in sinfo and the node list
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    key, store = _KEY.format(attempt=_attempt(), rank=info.rank), None
     while not stop.is_set():
         try:
             if store is None:
@@ -337,6 +339,9 @@ def silent_ranks(info=None, timeout_s: float = 5.0) -> str:
         store = _store(info, timeout_s)
         now, silent, seen = time.time(), [], 0
         for rank in range(info.world_size):
+            if _started and rank == _started[0].rank:
+                seen += 1  # the reporting rank is alive; it may just have been stopped a while
+                continue
             key = _KEY.format(attempt=_attempt(), rank=rank)
             if not store.check([key]):
                 silent.append(f"rank {rank} never sent a heartbeat")
@@ -358,7 +363,13 @@ def _excepthook_with_heartbeats(previous):
         previous(exc_type, exc, tb)
         if _started and _started[0].world_size > 1 and not issubclass(exc_type, KeyboardInterrupt):
             rank = _started[0].rank
-            print(f"[rank {rank}] failed ({exc_type.__name__}); heartbeats: {silent_ranks()}",
+            report = silent_ranks()
+            if report.endswith("no rank is silent"):
+                # a peer that died a moment ago (its socket closed: "connection closed by peer")
+                # still has a current heartbeat; once it is STALE_S old the dead one is named
+                time.sleep(STALE_S + HEARTBEAT_S)
+                report = silent_ranks()
+            print(f"[rank {rank}] failed ({exc_type.__name__}); heartbeats: {report}",
                   file=sys.stderr, flush=True)
     return hook
 

@@ -108,7 +108,7 @@ mkd_build_launch() {
     mapfile -t srun_prefix < <(mkd_srun)
     case "$MKD_LAUNCHER" in
     srun)
-        MKD_CMD=("${srun_prefix[@]}" bash -c 'trap "" USR1; exec "$@"' mkd-rank
+        MKD_CMD=("${srun_prefix[@]}" bash -c 'trap "" USR1; echo "[mkd] rank $SLURM_PROCID of $SLURM_NTASKS on node $SLURMD_NODENAME"; exec "$@"' mkd-rank
                  "$MKD_PYTHON" -m megatron_kd.cli "$@")
         MKD_WORLD=${SLURM_NTASKS:-$((MKD_NNODES * MKD_PROCS_PER_NODE))}
         ;;
@@ -117,7 +117,7 @@ mkd_build_launch() {
         # SLURM_NODEID, expanded on each node.
         MKD_CMD=("${srun_prefix[@]}" --ntasks="$MKD_NNODES" --ntasks-per-node=1
                  --cpus-per-task=$(( ${SLURM_CPUS_PER_TASK:-1} * MKD_PROCS_PER_NODE ))
-                 bash -c 'trap "" USR1; exec "$1" -m torch.distributed.run --node-rank="$SLURM_NODEID" "${@:2}"'
+                 bash -c 'trap "" USR1; echo "[mkd] torchrun node rank $SLURM_NODEID of $SLURM_NNODES on node $SLURMD_NODENAME"; exec "$1" -m torch.distributed.run --node-rank="$SLURM_NODEID" "${@:2}"'
                  mkd-node "$MKD_PYTHON" --nnodes="$MKD_NNODES" --nproc-per-node="$MKD_PROCS_PER_NODE"
                  --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT"
                  -m megatron_kd.cli "$@")

@@ -1,4 +1,4 @@
-"""Fixtures for the launcher tests: a real one-node Slurm, a tiny KD recipe, its single-process run.
+"""Fixtures for the launcher tests: a real two-node Slurm, a tiny KD recipe, its single-process run.
 
 The Slurm tests FAIL (not skip) when the Slurm/munge binaries are missing: `tools/install.sh test`
 installs them, so a missing binary there is a broken setup, not an optional feature.
@@ -100,9 +100,10 @@ def curve(run_dir, key: str = "loss") -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """A running one-node Slurm (munged, slurmctld, slurmd); stopped by PID at the end."""
+    """A running two-node Slurm (munged, slurmctld, a slurmd per node, the node names in
+    /etc/hosts); stopped by PID and its hosts lines removed at the end, whatever happened."""
     root = tmp_path_factory.mktemp("slurm")
-    cluster = LocalSlurm(root)
+    cluster = LocalSlurm(root, nodes=2)
     try:
         cluster.start()
     except SlurmMissing as e:
@@ -142,3 +143,13 @@ def reference(kd_recipe, tmp_path_factory):
     assert [it for it, _ in rows] == list(range(1, STEPS + 1))
     assert all(v == v and v > 0 for _, v in rows)
     return dict(rows)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(slurm, kd_recipe, tmp_path_factory):
+    """phase2_kd.sbatch on one node, 2 ranks at TP=2: the run every 2-rank job must equal."""
+    from jobs import finished, job_env, submit
+
+    tmp = tmp_path_factory.mktemp("sbatch_plain")
+    job, log = submit(slurm, tmp, "kd-plain", ["--config", str(kd_recipe), *LAYOUT], job_env(tmp / "run"))
+    return finished(slurm, job, log) | {"run_dir": tmp / "run", "job": job}

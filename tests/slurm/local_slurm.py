@@ -1,18 +1,29 @@
-"""A real one-node Slurm on localhost for the tests: munged, slurmctld and slurmd in a temp dir.
+"""A real several-node Slurm on one machine for the tests: munged, slurmctld and one slurmd per node.
 
-Debian's ``slurm-wlm`` and ``munge`` (``tools/install.sh test`` installs them). Everything lives under one
-directory: the munge key and socket, ``slurm.conf`` (``SLURM_CONF`` points every client command at
-it), state and spool dirs, daemon logs. The daemons run in the foreground as children of this
-process, so they are stopped by their PIDs, never by name.
+Debian's ``slurm-wlm`` and ``munge`` (``tools/install.sh test`` installs them). Everything lives
+under one directory: the munge key and socket, ``slurm.conf`` (``SLURM_CONF`` points every client
+command at it), state and spool dirs, daemon logs. The daemons run in the foreground as children
+of this process, so they are stopped by their PIDs, never by name.
+
+Nodes: ``slurmd -N <name>`` once per node, each node its own ``Port`` (all slurmd bind every
+address) and its own loopback address (``127.<a>.<b>.<i>``: all of 127/8 is the loopback
+interface on Linux). The names resolve the way a cluster's do, through ``/etc/hosts``: the cluster
+adds one line per node, tagged with its root directory, and removes exactly those lines when it
+stops (or, after a crash, the next cluster removes lines whose root is gone). The names carry a
+random tag, so clusters of concurrent sessions never share a name. Processes started for a node
+(its tasks, torchrun, the ranks) see ``SLURMD_NODENAME``; the machine's hostname stays the same.
 
 Why these settings: ``proctrack/linuxproc`` and ``task/none`` need no cgroups (containers and
 gVisor have none to delegate); ``select/cons_tres`` is what GPU clusters use; ``SlurmdParameters=
-config_overrides`` lets the node declare at least 2 CPUs on a 1-core runner; ``JobRequeue=1`` and
-``--requeue`` in the scripts make ``scontrol requeue`` legal.
+config_overrides`` lets each node declare at least 2 CPUs on a 1-core runner; ``JobRequeue=1`` and
+``--requeue`` in the scripts make ``scontrol requeue`` legal; ``SlurmdTimeout`` is short so a lost
+node is marked DOWN within seconds (tests/slurm/test_multinode.py).
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,14 +32,14 @@ import time
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
-NODE = "localhost"  # resolvable everywhere, so MASTER_ADDR derived from the node list works
 PARTITION = "ci"
+HOSTS = Path("/etc/hosts")
+_HOSTS_TAG = "# mkd-local-slurm "
 
 CONF = """\
 ClusterName=mkdci
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -39,7 +50,7 @@ SlurmdSpoolDir={root}/spool/slurmd.%n
 SlurmctldPidFile={root}/run/slurmctld.pid
 SlurmdPidFile={root}/run/slurmd.%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -60,8 +71,9 @@ KillWait=10
 MinJobAge=600
 InactiveLimit=0
 MessageTimeout=60
-NodeName={node} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} State=UNKNOWN
-PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+SlurmdTimeout=10
+{nodes}
+PartitionName={partition} Nodes={nodelist} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
 
@@ -84,13 +96,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _hosts_edit(keep) -> None:
+    """Rewrite /etc/hosts in place (it may be a bind mount: no rename) keeping the lines for which
+    keep(line) is true, under an exclusive lock (concurrent clusters edit it too)."""
+    with open(HOSTS, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        lines = f.read().splitlines(keepends=True)
+        kept = [l for l in lines if keep(l)]
+        if kept != lines:
+            f.seek(0)
+            f.write("".join(kept))
+            f.truncate()
+
+
+def _hosts_add(lines: list[str]) -> None:
+    with open(HOSTS, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("".join(lines))
+
+
+def _stale_or(root: Path):
+    """keep() for _hosts_edit: drop this root's lines and those of clusters whose root is gone."""
+    def keep(line: str) -> bool:
+        if _HOSTS_TAG not in line:
+            return True
+        owner = line.split(_HOSTS_TAG, 1)[1].strip()
+        return owner != str(root) and Path(owner).exists()
+    return keep
+
+
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int | None = None):
+    def __init__(self, root: Path, nodes: int = 2, cpus: int | None = None):
         self.root = Path(root)
-        self.cpus = max(2, cpus or os.cpu_count() or 1)
+        self.cpus = max(2, cpus or os.cpu_count() or 1)  # per node
         self.conf = self.root / "slurm.conf"
+        tag = "".join(random.choices("abcdefghijkmnpqrstuvwxyz", k=4))
+        self.nodes = [f"mkd{tag}n{i}" for i in range(1, nodes + 1)]
+        net = f"127.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
+        self.addr = {n: f"{net}.{i}" for i, n in enumerate(self.nodes, 1)}
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
+        self._hosts_added = False
+
+    @property
+    def nodelist(self) -> str:
+        """The nodes as Slurm writes a list: ``mkdabcdn[1-2]``."""
+        prefix = self.nodes[0][:-1]
+        return f"{prefix}[1-{len(self.nodes)}]" if len(self.nodes) > 1 else self.nodes[0]
 
     # --------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 60) -> "LocalSlurm":
@@ -105,10 +157,15 @@ class LocalSlurm:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
+        nodes = "\n".join(f"NodeName={n} NodeAddr={self.addr[n]} NodeHostname={n} Port={_free_port()} "
+                          f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes)
         self.conf.write_text(CONF.format(
-            host=socket.gethostname().split(".")[0], node=NODE, root=self.root, cpus=self.cpus,
-            partition=PARTITION, ctld_port=_free_port(), slurmd_port=_free_port()))
+            host=socket.gethostname().split(".")[0], nodes=nodes, nodelist=",".join(self.nodes),
+            root=self.root, partition=PARTITION, ctld_port=_free_port()))
         try:
+            _hosts_edit(_stale_or(self.root))
+            _hosts_add([f"{self.addr[n]} {n} {_HOSTS_TAG}{self.root}\n" for n in self.nodes])
+            self._hosts_added = True
             self._spawn("munged", [_which("munged"), "--foreground", "--force",
                                    f"--key-file={key}", f"--socket={self.root}/munge/munge.socket",
                                    f"--pid-file={self.root}/run/munged.pid",
@@ -116,40 +173,87 @@ class LocalSlurm:
                                    f"--log-file={self.root}/log/munged.log"])
             self._wait(lambda: (self.root / "munge" / "munge.socket").exists(), 20, "munged socket")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-            self._spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
-            self._wait(self._node_idle, timeout, f"node {NODE} idle in sinfo")
+            for n in self.nodes:
+                self.start_node(n)
+            self._wait(self._all_idle, timeout, f"nodes {self.nodelist} idle in sinfo")
         except BaseException:
             self.stop()
             raise
         return self
 
+    def start_node(self, node: str) -> None:
+        """(Re)start one node's slurmd: on the spool it left, as a rebooted node would."""
+        self._spawn(f"slurmd.{node}", [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
+
+    def node_processes(self, node: str, job_id: int | None = None) -> list[int]:
+        """What dies with a lost node: its slurmd, the slurmstepd it started and (with
+        ``job_id``) that job's tasks on it (torchrun, the ranks, a rank's forked writers). Not
+        the ranks' other helpers (watchdog, the checkpoint writer's spawn child, the resource
+        tracker): on a machine that stays up they must not outlive their rank by themselves."""
+        pids = [self.procs[f"slurmd.{node}"].pid] + self.stepd_pids(node)
+        if job_id is not None:
+            pids += [p for p in job_pids(job_id, node)
+                     if {b"megatron_kd.cli", b"torch.distributed.run"} & set(_cmd(p))]
+        return pids
+
+    def kill_node(self, node: str, pids: list[int]) -> None:
+        """Lose a node: SIGKILL ``pids`` (node_processes(), listed beforehand) at once."""
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc = self.procs[f"slurmd.{node}"]
+        proc.wait(timeout=15)
+        proc._mkd_killed = True
+
+    def stepd_pids(self, node: str) -> list[int]:
+        """This node's slurmstepd processes: each binds a unix socket in its node's spool dir."""
+        spool = str(self.root / "spool" / f"slurmd.{node}") + "/"
+        return [int(d.name) for d in Path("/proc").iterdir()
+                if d.name.isdigit() and _cmd(int(d.name))[0].startswith(b"slurmstepd")
+                and spool in _unix_paths(int(d.name))]
+
     def stop(self) -> None:
         """Cancel this cluster's jobs (a failed test may leave one running: its slurmstepd and
         batch script would outlive slurmd), then SIGTERM each daemon by PID (slurmd first) and
-        SIGKILL whatever is left."""
-        ctld = self.procs.get("slurmctld")
-        if ctld is not None and ctld.poll() is None:
-            try:
-                jobs = self.cmd("squeue", "-h", "-o", "%i", check=False, timeout=30).stdout.split()
-                if jobs:
-                    self.cmd("scancel", "--full", "--signal=KILL", *jobs, check=False, timeout=30)
-                    self.cmd("scancel", *jobs, check=False, timeout=30)
-                    # idle again = slurmd has ended every step process (squeue forgets sooner)
-                    self._wait(self._node_idle, 60, "node idle after scancel")
-            except (subprocess.TimeoutExpired, RuntimeError):
-                pass  # stopping the daemons below still happens
-        for name in ("slurmd", "slurmctld", "munged"):
-            proc = self.procs.get(name)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-        for log in self._logs:
-            log.close()
+        SIGKILL whatever is left; remove this cluster's /etc/hosts lines."""
+        try:
+            ctld = self.procs.get("slurmctld")
+            if ctld is not None and ctld.poll() is None:
+                try:
+                    jobs = self.cmd("squeue", "-h", "-o", "%i", check=False, timeout=30).stdout.split()
+                    if jobs:
+                        self.cmd("scancel", "--full", "--signal=KILL", *jobs, check=False, timeout=30)
+                        self.cmd("scancel", *jobs, check=False, timeout=30)
+                        # idle again = slurmd has ended every step process (squeue forgets sooner)
+                        self._wait(self._all_idle, 60, "nodes idle after scancel")
+                except (subprocess.TimeoutExpired, RuntimeError):
+                    pass  # stopping the daemons below still happens
+            order = [k for k in self.procs if k.startswith("slurmd.")] + ["slurmctld", "munged"]
+            for name in order:
+                proc = self.procs.get(name)
+                if proc is None or proc.poll() is not None:
+                    continue
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=15)
+            # a slurmstepd whose slurmd is gone (a test that failed mid-fault)
+            for node in self.nodes:
+                for pid in self.stepd_pids(node):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        finally:
+            if self._hosts_added:
+                _hosts_edit(_stale_or(self.root))
+                self._hosts_added = False
+            for log in self._logs:
+                log.close()
 
     def __enter__(self):
         return self.start()
@@ -205,7 +309,7 @@ class LocalSlurm:
 
     def daemon_logs(self, n: int = 15) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+        for name in ("slurmctld.log", *(f"slurmd.{node}.log" for node in self.nodes), "munged.log"):
             p = self.root / "log" / name
             if p.exists():
                 out.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:]))
@@ -217,12 +321,16 @@ class LocalSlurm:
         self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
-    def _node_idle(self) -> bool:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}\n{self.daemon_logs()}")
+    def node_states(self) -> dict:
         p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), capture_output=True, text=True)
-        return p.returncode == 0 and f"{NODE} idle" in p.stdout
+        return dict(l.split() for l in p.stdout.splitlines() if len(l.split()) == 2) if p.returncode == 0 else {}
+
+    def _all_idle(self) -> bool:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None and not getattr(proc, "_mkd_killed", False):
+                raise RuntimeError(f"{name} exited with {proc.returncode}\n{self.daemon_logs()}")
+        states = self.node_states()
+        return all(states.get(n) == "idle" for n in self.nodes)
 
     def _wait(self, predicate, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -231,3 +339,45 @@ class LocalSlurm:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"local Slurm: {what} not reached in {timeout:.0f}s\n{self.daemon_logs()}")
+
+
+# ------------------------------------------------------------------ /proc
+def _cmd(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return [b""]
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _unix_paths(pid: int) -> str:
+    """Paths of the unix sockets a process has bound (a slurmstepd binds one in its node's spool)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        lines = Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return ""
+    return " ".join(l.split()[-1] for l in lines if len(l.split()) >= 8 and l.split()[6] in inodes)
+
+
+def job_pids(job_id: int, node: str | None = None) -> list[int]:
+    """Every live process whose environment names this job (and, given, this node): the batch
+    script, srun, torchrun, the ranks and whatever they started (watchdogs, checkpoint writers)."""
+    want = {f"SLURM_JOB_ID={job_id}".encode()}
+    if node is not None:
+        want.add(f"SLURMD_NODENAME={node}".encode())
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid() and want <= set(_environ(int(d.name))):
+            out.append(int(d.name))
+    return sorted(out)
