@@ -386,6 +386,9 @@ class KDConfig:
     loss_impl: str = "auto"
     fused_min_tokens: int = 8192
     fused_chunk_size: Optional[int] = None  # tokens per chunk; None = ~16M logits per chunk
+    # the fused loss's implementation: torch (kd/fused.py, any device) or triton (kd/triton_fused.py:
+    # CUDA, forward_kl, no top_k; one [64, 128] logit tile at a time)
+    fused_impl: str = "torch"
     # live: run the teacher every step; cache: read its top-k entries from kd.teacher_cache (a
     # `megatron-kd cache-teacher` directory; no teacher is built). cache_loss: tail = KL over the
     # k cached ids + one tail bin; renormalized = the live kd.top_k loss (kd/cached_loss.py)
@@ -414,6 +417,8 @@ class KDConfig:
             raise ConfigError(f"kd.top_k: expected >= 1, got {self.top_k}")
         if self.loss_impl not in ("auto", "exact", "fused"):
             raise ConfigError(f"kd.loss_impl: expected auto|exact|fused, got {self.loss_impl!r}")
+        if self.fused_impl not in ("torch", "triton"):
+            raise ConfigError(f"kd.fused_impl: expected torch|triton, got {self.fused_impl!r}")
         if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
             raise ConfigError(f"kd.fused_chunk_size: expected >= 1, got {self.fused_chunk_size}")
 

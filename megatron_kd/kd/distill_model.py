@@ -74,12 +74,17 @@ class DistillationModel(StudentTeacherPair):
                 ht = tensor_parallel.gather_from_sequence_parallel_region(
                     ht, tensor_parallel_output_grad=False, group=self.tp_group)
         k = self.kd_cfg
+        if k.fused_impl == "triton":  # kd/triton_fused.py: Triton tiles, CUDA
+            from megatron_kd.kd.triton_fused import triton_linear_kd_loss as loss_fn
+            impl_kwargs = {}
+        else:
+            loss_fn, impl_kwargs = fused_linear_kd_loss, dict(chunk_size=k.fused_chunk_size)
         # tokens in [s, b] order, like the hidden states
-        loss_sum, count = fused_linear_kd_loss(
+        loss_sum, count = loss_fn(
             hs.reshape(-1, hs.shape[-1]), self.student.output_weight(),
             ht.reshape(-1, ht.shape[-1]), self.teacher.output_weight(),
             labels=labels.transpose(0, 1).reshape(-1), loss_mask=loss_mask.transpose(0, 1).reshape(-1),
             alpha=k.alpha, tp_group=self.tp_group, vocab_size=self.vocab_size,
             temperature=k.temperature, scale_by_t_squared=k.scale_by_t_squared,
-            divergence=k.divergence, beta=k.beta, top_k=k.top_k, chunk_size=k.fused_chunk_size)
+            divergence=k.divergence, beta=k.beta, top_k=k.top_k, **impl_kwargs)
         return torch.stack([loss_sum, count.to(loss_sum.dtype)])  # [2]: what the objective reduces

@@ -6,7 +6,7 @@ checked with the loop's input checks, before anything is written. Registered by
 """
 from __future__ import annotations
 
-from megatron_kd.config import RunConfig
+from megatron_kd.config import ConfigError, RunConfig
 from megatron_kd.kd.teacher import check_teacher_config
 from megatron_kd.training.registry import TrainSpec, register_train_spec
 
@@ -16,6 +16,33 @@ def use_fused_loss(cfg: RunConfig) -> bool:
     if cfg.kd.loss_impl != "auto":
         return cfg.kd.loss_impl == "fused"
     return cfg.data.seq_length * cfg.train.micro_batch_size >= cfg.kd.fused_min_tokens
+
+
+def check_fused_impl(cfg: RunConfig) -> None:
+    """kd.fused_impl=triton, where the fused loss will run: what the Triton kernels cover, and a
+    device they can run on (CUDA; on a CPU only Triton's interpreter, TRITON_INTERPRET=1)."""
+    k = cfg.kd
+    if k.fused_impl != "triton" or not use_fused_loss(cfg):
+        return
+    from megatron_kd import platform
+    from megatron_kd.kd.losses import VocabParallelKD
+
+    if k.alpha > 0 and VocabParallelKD._resolve(k.divergence, k.beta) != "forward_kl":
+        raise ConfigError(f"kd.fused_impl=triton implements forward_kl only, got kd.divergence={k.divergence} "
+                          f"(kd.beta={k.beta}); use kd.fused_impl: torch")
+    if k.alpha > 0 and k.top_k is not None:
+        raise ConfigError(f"kd.fused_impl=triton has no kd.top_k (got {k.top_k}); use kd.fused_impl: torch")
+    from megatron_kd.kd.triton_fused import check_available
+
+    try:
+        check_available(platform.cuda_available())
+    except (ImportError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_kd_config(cfg: RunConfig, student_vocab_size: int) -> None:
+    check_teacher_config(cfg, student_vocab_size)
+    check_fused_impl(cfg)
 
 
 def build_distillation_chunks(cfg: RunConfig, vocab_size: int) -> list:
@@ -42,7 +69,7 @@ def distillation_objective(cfg: RunConfig, device):
 
 
 KD_SPEC = TrainSpec(name="kd", build_objective=distillation_objective,
-                    build_model_chunks=build_distillation_chunks, check_config=check_teacher_config)
+                    build_model_chunks=build_distillation_chunks, check_config=check_kd_config)
 
 
 def register() -> None:

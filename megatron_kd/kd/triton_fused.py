@@ -18,8 +18,8 @@ Backward (one more pass): ``kd_grad_kernel`` recomputes each logit tile, forms
 that hold the incoming gradient, the loss mask, alpha and ``T**2 / T``, and pushes the tile
 through both gradient GEMMs at once: ``grad_hidden`` rows (owned by the program; fp32), the
 weight rows by fp32 atomics -- straight into megatron's ``weight.main_grad`` when the weight has
-one (gradient-accumulation fusion: the autograd weight gradient is then ``None``, or a dummy when
-megatron's DDP sets ``grad_added_to_main_grad``). Unlike the torch path the gradient pass runs in
+one (gradient-accumulation fusion: the autograd weight gradient is then ``None``, or zeros under
+megatron's DDP, whose hook wants one). Unlike the torch path the gradient pass runs in
 backward, not forward: only there is the incoming gradient known, and ``main_grad`` must receive
 the scaled gradient. ``grad_hidden`` is all-reduced (SUM, fp32) over ``tp_group`` (the hidden
 state is replicated over TP). The weight gradient's atomics make it non-deterministic on a GPU at
@@ -222,11 +222,11 @@ def _backward(launch: _Launch, gstats: torch.Tensor, grad_output: torch.Tensor, 
     if grad_w is not main_grad:
         main_grad.add_(grad_w)
     if hasattr(weight, "grad_added_to_main_grad"):
-        # megatron's DDP (overlap_grad_reduce) wants a grad to fire its hook; the flag says it is
-        # already in main_grad (megatron-core tensor_parallel/layers.py does the same)
-        weight.grad_added_to_main_grad = True
-        make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-        return grad_h, make(weight.shape, dtype=weight.dtype, device=device)
+        # megatron's DDP: its hook asserts a grad under overlap_grad_reduce and adds param.grad to
+        # main_grad unless grad_added_to_main_grad. Zeros, flag untouched: with tied embeddings
+        # param.grad also holds the embedding's gradient, which must still be added (megatron's
+        # own dummy-grad + flag would drop it).
+        return grad_h, torch.zeros_like(weight)
     return grad_h, None
 
 
