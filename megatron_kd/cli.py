@@ -163,14 +163,20 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--config", help="YAML recipe, e.g. examples/paper/phase2_kd_10k_to_500k.yaml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, e.g. parallel.context_parallel_size=8")
-    p.add_argument("--world", type=int, default=None, help="number of ranks (default TP x PP x CP)")
+    p.add_argument("--world", type=int, default=None, help="number of ranks (default TP x PP x CP, or "
+                                                          "--nodes x --gpus-per-node)")
+    p.add_argument("--nodes", type=int, default=None, help="number of nodes (world = nodes x --gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (8)")
+    p.add_argument("--allow-tp-across-nodes", action="store_true",
+                   help="plan a layout whose TP groups span nodes (refused by default)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="true vocabulary size (default: from data.tokenizer_model)")
     p.add_argument("--mfu", type=float, default=0.45, help="assumed model-FLOPs utilisation (0.45)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak TFLOP/s per rank (H100 SXM bf16 dense: 989)")
     p.add_argument("--doc-length", type=int, default=None,
-                   help="mean packed-document length for attention FLOPs (default: seq_length)")
+                   help="mean packed-document length for attention FLOPs (default: the mean document "
+                        "of <data.data_path>.summary.json, else seq_length)")
     p.add_argument("--attention", default="te", choices=("te", "local"),
                    help="te: fused O(s) attention (GPU); local: dense O(s^2) (CPU)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -209,9 +215,12 @@ def _add_cache_teacher_parser(sub) -> None:
                         "(data.reset_position_ids / teacher.reset_position_ids in the run)")
     c.add_argument("--temperature", type=float, default=1.0, help="log-probs of softmax(z / T) (default 1)")
     c.add_argument("--train-samples", type=int, default=None,
-                   help="train windows to cache (default: one epoch of the train split)")
+                   help="cache the first N train windows of the sample order: train.train_iters x "
+                        "train.global_batch_size of the student runs (a longer run repeats them); "
+                        "default: one epoch of the train split")
     c.add_argument("--valid-samples", type=int, default=None,
-                   help="valid windows (default: one epoch of the valid split; 0: none)")
+                   help="the first N valid windows (>= train.eval_iters x train.global_batch_size); "
+                        "default: one epoch of the valid split; 0: none")
     c.add_argument("--tensor-model-parallel-size", type=int, default=1, help="teacher TP (world = TP x DP)")
     c.add_argument("--micro-batch-size", type=int, default=4, help="windows per teacher forward")
     c.add_argument("--bf16", action="store_true", help="teacher forward in bf16 (log-probs stored in fp32)")

@@ -25,6 +25,14 @@ stated:
   4·L_T·h_q·s_att for the teacher forward; s_att = mean keys per query under the document
   mask, ≈ (doc_length + 1)/2), tokens/s = ranks × MFU × peak / FLOPs per token. Recompute costs
   time, not model FLOPs (hardware FLOPs are reported separately).
+- placement: megatron-core orders ranks tp-cp-ep-dp-pp (TP fastest) and srun/torchrun fill a
+  node with consecutive ranks, so a group of size n and rank stride k spans the nodes its members
+  ``r0 + i·k`` fall on (``gpus_per_node`` ranks per node): within one node it runs over NVLink,
+  otherwise over the network. A TP group across nodes (an all-reduce per layer over the network)
+  is refused unless ``--allow-tp-across-nodes``;
+- document length for attention FLOPs: ``--doc-length``, else the mean document of the recipe's
+  data (``<data.data_path>.summary.json`` from ``megatron-kd preprocess``, + 1 for EOS, at most
+  ``seq_length``: longer documents are split), else ``seq_length``;
 - LongReD (a ``longred`` section): the frozen original model is a teacher (its parameters and
   one layer's no-grad activations count), run on the short and s2l micro-batches only (their
   share of ``longred.stream_ratio`` scales its FLOPs); the long stream's CE logits are the
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -149,6 +158,7 @@ class Plan:
     activation_per_layer: Dict[str, float] = field(default_factory=dict)
     throughput: Dict[str, float] = field(default_factory=dict)
     saved_after_forward: float = 0.0  # one micro-batch, worst stage: saved activations + logits
+    placement: Dict[str, Dict] = field(default_factory=dict)  # group -> size, nodes spanned, link
     notes: List[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -166,25 +176,81 @@ class Plan:
         lines += ["", "activations per layer (GiB, one micro-batch):"]
         for k, v in self.activation_per_layer.items():
             lines.append(f"  {k:<42}{v / GiB:>10.3f}")
+        if self.placement:
+            lines += ["", f"parallel groups ({L['nodes']} node(s) x {L['gpus_per_node']} ranks):"]
+            for k, g in self.placement.items():
+                lines.append(f"  {k:<4} size {g['size']:>4}, spans {g['nodes']:>3} node(s): {g['link']}")
         lines += ["", "throughput (assumed MFU x peak):"]
         for k, v in self.throughput.items():
             lines.append(f"  {k:<42}{v:>14,.1f}")
         return "\n".join(lines + [""] + [f"note: {n}" for n in self.notes])
 
 
+def group_placement(tp: int, cp: int, ep: int, dp: int, pp: int, gpus_per_node: int) -> Dict[str, Dict]:
+    """Nodes each kind of parallel group spans (megatron-core's tp-cp-ep-dp-pp order, consecutive
+    ranks per node). EP splits the DP ranks of the expert layers (same stride as DP)."""
+    out = {}
+    for name, size, stride in (("TP", tp, 1), ("CP", cp, tp), ("EP", ep, tp * cp), ("DP", dp, tp * cp),
+                               ("PP", pp, tp * cp * dp)):
+        if name == "EP" and ep == 1:
+            continue
+        nodes = len({i * stride // gpus_per_node for i in range(size)})
+        link = "none (size 1)" if size == 1 else "NVLink (one node)" if nodes == 1 else "network"
+        out[name] = dict(size=size, nodes=nodes, link=link)
+    return out
+
+
+def summary_doc_length(cfg: RunConfig) -> Optional[tuple]:
+    """(mean document tokens incl. EOS, at most seq_length; the summary's path) of the recipe's
+    data, from preprocess's <data.data_path>.summary.json; None when there is none."""
+    prefix = cfg.data.data_path
+    path = f"{prefix}.summary.json" if prefix else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            mean = float(json.load(f)["doc_tokens"]["mean"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"plan: {path}: no doc_tokens.mean in it ({type(e).__name__}); "
+                          "rerun megatron-kd preprocess or pass --doc-length") from None
+    return min(cfg.data.seq_length, max(1, round(mean + 1))), path
+
+
 def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[int] = None,
               mfu: float = 0.45, peak_tflops: float = H100_BF16_DENSE_TFLOPS,
-              doc_length: Optional[int] = None, attention: str = "te") -> Plan:
+              doc_length: Optional[int] = None, attention: str = "te", nodes: Optional[int] = None,
+              gpus_per_node: int = 8, allow_tp_across_nodes: bool = False) -> Plan:
     p, m, t = cfg.parallel, cfg.model, cfg.train
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     vpp = p.virtual_pipeline_model_parallel_size or 1
+    if gpus_per_node < 1:
+        raise ConfigError(f"plan --gpus-per-node: expected a positive number of ranks per node, got {gpus_per_node}")
+    if nodes is not None:
+        if nodes < 1:
+            raise ConfigError(f"plan --nodes: expected a positive number of nodes, got {nodes}")
+        if world is not None and world != nodes * gpus_per_node:
+            raise ConfigError(f"plan: --world {world} but --nodes {nodes} x --gpus-per-node {gpus_per_node} "
+                              f"= {nodes * gpus_per_node}; give one of them")
+        world = nodes * gpus_per_node
+        try:
+            validate_layout(cfg, world)
+        except ConfigError as e:
+            raise ConfigError(f"plan --nodes {nodes} x --gpus-per-node {gpus_per_node} = world size {world}: "
+                              f"{e}") from None
     world = world or tp * pp * cp
     validate_layout(cfg, world)
+    n_nodes = nodes or -(-world // gpus_per_node)
     if vocab_size is None:
         raise ConfigError("plan: the vocabulary size is needed (data.tokenizer_model, or --vocab-size)")
     if attention not in ("te", "local"):
         raise ConfigError(f"plan --attention: expected te|local, got {attention!r}")
     dp = world // (tp * pp * cp)
+    placement = group_placement(tp, cp, p.expert_model_parallel_size, dp, pp, gpus_per_node) if n_nodes > 1 else {}
+    if placement and placement["TP"]["nodes"] > 1 and not allow_tp_across_nodes:
+        raise ConfigError(
+            f"plan: parallel.tensor_model_parallel_size={tp} with {gpus_per_node} ranks per node: each TP group "
+            f"spans {placement['TP']['nodes']} nodes (its all-reduces, several per layer, would cross the "
+            "network); use a TP that divides the ranks per node, or pass --allow-tp-across-nodes to plan it anyway")
     seq = cfg.data.seq_length
     cap = cp_capacity(cfg)
     micro = t.global_batch_size // (t.micro_batch_size * dp)
@@ -195,8 +261,12 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
     params = params_per_rank(m, p, vocab_size, seq)
     worst = max(params)
     plan = Plan(layout=dict(world=world, tp=tp, pp=pp, cp=cp, dp=dp, vpp=vpp, ep=p.expert_model_parallel_size,
-                            micro_batch=t.micro_batch_size,
-                            capacity=cap, microbatches=micro), tokens_per_rank=T, params_per_rank=params)
+                            micro_batch=t.micro_batch_size, nodes=n_nodes, gpus_per_node=gpus_per_node,
+                            capacity=cap, microbatches=micro), tokens_per_rank=T, params_per_rank=params,
+                placement=placement)
+    if placement and placement["TP"]["nodes"] > 1:
+        plan.notes.append(f"TP groups span {placement['TP']['nodes']} nodes (--allow-tp-across-nodes): the "
+                          "tokens/s below assume NVLink-speed all-reduces and are optimistic")
     b = plan.bytes
     b["parameters"] = worst * act_b
     b["gradients (fp32 DDP buffer)"] = worst * 4
@@ -208,7 +278,13 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
                           "TP) exactly; activations are modelled as a dense FFN of ffn_hidden_size, and the "
                           "distributed optimizer's expert shards (over DP x CP / EP) as dense ones")
 
-    doc = doc_length or seq
+    doc_source = "--doc-length"
+    if doc_length is None:
+        found = summary_doc_length(cfg)
+        doc_length, doc_source = found if found else (seq, "seq_length: no data summary")
+        if found:
+            doc_source = f"mean of {doc_source}"
+    doc = doc_length
     keys = cap // cp if attention == "local" else 0  # local dense attention: keys of the layout
     parts = activation_elems_per_token(m, tp, p.sequence_parallel, attention, keys * cp)
     per_layer = sum(parts.values()) * T * act_b
@@ -276,7 +352,8 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
         "seconds per step": t.global_batch_size * seq / tps,
     }
     plan.notes += [f"peak {peak_tflops:g} TFLOP/s per rank (H100 SXM bf16 dense: 989); MFU is an assumption",
-                   f"attention FLOPs for documents of {doc} tokens (document mask): {attended:.0f} keys/query",
+                   f"attention FLOPs for documents of {doc} tokens ({doc_source}; document mask): "
+                   f"{attended:.0f} keys/query",
                    f"activations assume the {'TE fused (O(s))' if attention == 'te' else 'local dense (O(s^2))'} attention"]
     return plan
 
@@ -292,6 +369,7 @@ def plan_main(args) -> int:
 
         vocab = load_tokenizer(cfg.data.tokenizer_model).vocab_size
     plan = make_plan(cfg, world=args.world, vocab_size=vocab, mfu=args.mfu, peak_tflops=args.peak_tflops,
-                     doc_length=args.doc_length, attention=args.attention)
+                     doc_length=args.doc_length, attention=args.attention, nodes=args.nodes,
+                     gpus_per_node=args.gpus_per_node, allow_tp_across_nodes=args.allow_tp_across_nodes)
     print(plan.to_json() if args.json else plan.table())
     return 0
