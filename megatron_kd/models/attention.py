@@ -24,10 +24,12 @@ def layer_spec(model_cfg, context_parallel_size: int = 1, **kwargs):
         spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=model_cfg.qk_layernorm, **kwargs))
     else:
+        from megatron_kd.fused_kernels import use_apex_layer_norm
         from megatron_kd.models.norms import use_local_norms
 
         spec = use_local_norms(copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(
-            normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm, **kwargs)))
+            normalization=model_cfg.normalization, qk_layernorm=model_cfg.qk_layernorm, **kwargs)),
+            keep_apex=use_apex_layer_norm(model_cfg.normalization))
     return use_backend_core_attention(spec, context_parallel_size)
 
 

@@ -33,16 +33,23 @@ class LocalNorm:
         return norm
 
 
-def use_local_norms(spec):
-    """Replace megatron's WrappedTorchNorm in a local layer spec (hidden-state and q/k norms)."""
+def use_local_norms(spec, keep_apex: bool = False):
+    """Replace megatron's WrappedTorchNorm in a local layer spec (hidden-state and q/k norms), and
+    its apex FusedLayerNorm unless ``keep_apex`` (fused_kernels.use_apex_layer_norm): megatron
+    picks that class on a bare ``import apex``, which an unrelated or CUDA-less apex satisfies."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    replace = (WrappedTorchNorm,)
+    if not keep_apex:
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        replace += (FusedLayerNorm,)
     sub = spec.submodules
     for name in ("input_layernorm", "pre_mlp_layernorm"):
-        if getattr(sub, name, None) is WrappedTorchNorm:
+        if getattr(sub, name, None) in replace:
             setattr(sub, name, LocalNorm)
     attn = getattr(getattr(sub, "self_attention", None), "submodules", None)
     for name in ("q_layernorm", "k_layernorm"):
-        if getattr(attn, name, None) is WrappedTorchNorm:
+        if getattr(attn, name, None) in replace:
             setattr(attn, name, LocalNorm)
     return spec

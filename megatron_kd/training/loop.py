@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_kd import distributed, platform, watchdog
+from megatron_kd import distributed, fused_kernels, platform, watchdog
 from megatron_kd.config import ConfigError, RunConfig, validate_layout, validate_training
 from megatron_kd.data.cp_layout import cp_capacity, layout_batches
 from megatron_kd.training import checkpointing
@@ -156,6 +156,7 @@ class Trainer:
         overlap = [name for name, on in (("grad reduce", p.overlap_grad_reduce),
                                          ("param gather", p.overlap_param_gather)) if on]
         self._print(f"DDP: {buckets} gradient buckets; overlapped: {', '.join(overlap) or 'none'}")
+        self._print(fused_kernels.startup_line(cfg.model.normalization))
         config.finalize_model_grads_func = finalize_model_grads
         config.batch_p2p_comm = platform.batch_p2p_comm()
         set_sync_funcs(config, self.model, cfg.parallel)

@@ -73,6 +73,10 @@ def params_gathered(model: list):
 def build_optimizer(model_chunks, train_cfg, parallel_cfg):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_kd.fused_kernels import check_megatron_adam
+
+    check_megatron_adam()  # megatron picks apex's FusedAdam by import success alone
+
     config = OptimizerConfig(
         optimizer="adam",
         lr=train_cfg.lr,

@@ -115,6 +115,8 @@ def test_overlap_layouts_really_bucket_and_overlap(runs, name, overlapped):
     # 181k parameters: one default bucket, dozens of 4,000-element ones (rank 0's; with virtual
     # stages rank 0 holds a quarter of the layers, and megatron buckets only its first chunk)
     assert (buckets > 5) if name != "dp2" else (buckets == 1), buckets
+    # the startup line names the fused kernels in use (megatron_kd/fused_kernels.py): none on the CPU
+    assert "fused kernels: none (CPU: transformer-engine's and apex's kernels are CUDA-only" in runs["stdout"][name]
 
 
 def test_overlap_checkpoint_equals_synchronous_one(runs, tmp_path):
