@@ -26,7 +26,11 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # Hugging Face interop: import/export, GGUF (SmolLM2), parity tests against transformers
         "hf": ["transformers>=5.0,<6", "gguf>=0.10"],
-        "test": ["pytest>=8", "pytest-timeout", "mpi4py>=3.1", "transformers>=5.0,<6", "gguf>=0.10"],
+        # triton: the Triton fused KD loss's CPU tests (its interpreter) and sm_90 compile check;
+        # 3.7.1 is the version torch 2.13's CUDA wheel pins, so a GPU install keeps one Triton
+        "test": ["pytest>=8", "pytest-timeout", "mpi4py>=3.1", "transformers>=5.0,<6", "gguf>=0.10",
+                 "triton==3.7.1; platform_system == 'Linux'"],
+        "triton": ["triton==3.7.1; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["megatron-kd=megatron_kd.cli:main"]},
 )
