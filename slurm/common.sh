@@ -46,6 +46,7 @@
 : "${MKD_MAX_RESTARTS:=50}"               # stop requeueing after this many restarts
 : "${MKD_EXIT_GRACE_S:=60}"               # once one rank has exited, the others' time to follow
 : "${MKD_OVERWRITE:=0}"                   # 1: replace the run dir on the job's first start only
+: "${MKD_MASTER_ADDR:=}"                  # optional: rendezvous address (default: first host of the job)
 
 : "${NCCL_DEBUG:=WARN}"
 : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
@@ -73,8 +74,14 @@ mkd_setup() {
     # A job inherits the submitting shell's environment: a torchrun-style RANK/WORLD_SIZE there
     # would make every rank believe it is torchrun's (distributed.py checks those first).
     unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_ADDR=${MKD_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
     [ -n "$MASTER_ADDR" ] || mkd_die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+    # Every rank connects to it: a name that does not resolve would surface only as a rendezvous
+    # timeout minutes later, on every node.
+    getent hosts "$MASTER_ADDR" >/dev/null \
+        || mkd_die "MASTER_ADDR=$MASTER_ADDR (first host of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST) does" \
+                   "not resolve on $(hostname) (getent hosts $MASTER_ADDR): fix the site's DNS or /etc/hosts," \
+                   "or export MKD_MASTER_ADDR=<an address of that node>"
     # Same rule as distributed.py's: every task derives the same port; jobs sharing a node differ.
     MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
     export MASTER_ADDR MASTER_PORT
