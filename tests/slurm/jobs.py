@@ -13,6 +13,8 @@ from conftest import REPO, RTOL, STEPS, child_env, curve, tail
 SBATCH = REPO / "slurm" / "phase2_kd.sbatch"
 # sbatch options override the script's #SBATCH lines: one CPU node, 2 ranks
 CI_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
+# the same 2 ranks, one on each node of the cluster: TP=2 then spans the nodes
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
 JOB_TIMEOUT = 900  # generous: a 2-core box shared with other jobs can be 10x slower than idle
 
 

@@ -9,23 +9,26 @@ the 2-node jobs are compared with the one-node job of the same world size and la
 The lost node: rank 0 (node 1) is frozen after the job's first complete checkpoint, node 2 loses
 its slurmd, its slurmstepd and its rank (SIGKILL, at once), and rank 0 continues: it must fail at
 once with a line naming rank 1 and node 2 (its heartbeat in the job's store), the job must end
-with nothing of it left on either node, and the resubmitted command must resume from the newest
-complete checkpoint and end on the uninterrupted curve.
+with nothing of it left on either node (the lost rank's watchdog, checkpoint writer and resource
+tracker included: the test kills only what a lost node takes along for sure), and, once node 2
+is back on its stale spool and the run holds a half-written newer checkpoint, the resubmitted
+command must resume from the newest complete checkpoint and end on the uninterrupted curve.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import LAYOUT, STEPS, curve, tail
-from jobs import assert_completed, finished, job_env, rank_pids, submit, wait_until
+from jobs import TWO_NODES, assert_completed, finished, job_env, rank_pids, submit, wait_until
 from local_slurm import job_pids
 
-TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
 KEYS = ("loss", "kd loss", "lm loss", "grad_norm")
 
 
@@ -59,6 +62,13 @@ def test_two_nodes_equal_one_node_bit_for_bit(slurm, kd_recipe, uninterrupted, l
 SAVE_EVERY = 2
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "(gone)"
+
+
 def test_lost_node_is_named_nothing_outlives_the_job_and_resubmit_resumes(
         slurm, kd_recipe, uninterrupted, tmp_path, capsys):
     assert_completed(uninterrupted)
@@ -77,6 +87,10 @@ def test_lost_node_is_named_nothing_outlives_the_job_and_resubmit_resumes(
                 open(f"/proc/{p}/environ", "rb").read().split(b"\0"))
     killed = slurm.node_processes(n2, job)
     assert len(killed) >= 3, killed  # slurmd, slurmstepd, the rank
+    # what the rank started and the kill leaves behind: its watchdog, and after the first save
+    # the checkpoint writer's spawn child and resource tracker; all must go by themselves
+    helpers = {p: cmdline(p) for p in job_pids(job, n2) if p not in killed}
+    assert any("watchdog.py" in c for c in helpers.values()), helpers
     os.kill(pid0, signal.SIGSTOP)  # rank 0 cannot finish the run before node 2 is gone
     try:
         time.sleep(1.0)  # its peer is now blocked in a collective with rank 0
@@ -102,23 +116,35 @@ def test_lost_node_is_named_nothing_outlives_the_job_and_resubmit_resumes(
     text = log.read_text()
     assert "not requeued; resubmitting the same command resumes from checkpoint" in text, tail(text)
 
-    # node 2 comes back with the spool it had (a stale step of the job in it), resubmit
+    assert not any(os.path.exists(f"/proc/{p}") for p in helpers), helpers
+
+    # node 2 comes back with the spool it had (a stale step of the job in it), and the run holds a
+    # half-written checkpoint newer than the newest complete one (a writer killed mid-save
+    # leaves iter_N.tmp with some of the files): resubmit
     slurm.start_node(n2)
     wait_until(lambda: slurm.node_states().get(n2) == "idle", 120, f"{n2} back to idle")
     newest = int(latest.read_text())
-    assert newest >= complete
+    assert complete <= newest <= STEPS - SAVE_EVERY, (complete, newest)  # lost mid-run
+    ckpts = run_dir / "checkpoints"
+    half = ckpts / f"iter_{newest + SAVE_EVERY:07d}.tmp"
+    if not half.exists():
+        shutil.copytree(ckpts / f"iter_{newest:07d}", half)
+        for f in sorted(half.iterdir())[::2]:
+            f.unlink()
     job2, log2 = submit(slurm, tmp_path, "kd-lost-resume", args, job_env(run_dir), node=TWO_NODES)
     info = finished(slurm, job2, log2)
     assert_completed(info)
     text2 = info["log"]
     assert f"(latest checkpoint: {newest})" in text2 and f"at iteration {newest}" in text2, tail(text2)
+    assert not half.exists() and (ckpts / f"iter_{newest + SAVE_EVERY:07d}").is_dir()  # replaced
     # the curve from the newest checkpoint on is the uninterrupted one; every step is there
     for key in KEYS:
         got = dict(curve(run_dir, key))
         assert sorted(got) == list(range(1, STEPS + 1)), (key, sorted(got))
         assert got == dict(curve(uninterrupted["run_dir"], key)), key
     with capsys.disabled():
-        print(f"\nlost node {n2} (killed {len(killed)} processes at iteration >= {complete}): "
+        print(f"\nlost node {n2} (killed {len(killed)} processes at iteration >= {complete}; "
+              f"{len(helpers)} helpers of its rank left to clean up after themselves): "
               f"rank 0 named it after {detected:.1f} s, exited after {exited:.1f} s; the script "
               f"ended after {script_done:.1f} s, the last process of the job after {gone:.1f} s; "
               f"resumed at iteration {newest} of {STEPS}")

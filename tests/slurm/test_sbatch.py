@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+from pathlib import Path
+
+import pytest
 
 from conftest import LAYOUT, REPO, STEPS, curve, tail
-from jobs import (JOB_TIMEOUT, assert_completed, assert_matches_reference, finished, job_env,
-                  pending, rank_pids, submit, wait_until)
+from jobs import (CI_NODE, JOB_TIMEOUT, TWO_NODES, assert_completed, assert_matches_reference, finished,
+                  job_env, pending, rank_pids, submit, wait_until)
 
 
 # ------------------------------------------------------------------ the uninterrupted job
@@ -35,10 +38,14 @@ def test_phase2_kd_sbatch_matches_single_process(uninterrupted, reference):
 
 
 # ------------------------------------------------------------------ preemption
-def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(slurm, kd_recipe, uninterrupted, tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(slurm, kd_recipe, uninterrupted, tmp_path,
+                                                                    nodes):
+    """nodes=2: one rank per node; the warning reaches the rank on the other node too (scancel
+    --signal from the batch shell on node 1), both stop after the same step."""
     assert_completed(uninterrupted)
     job, log = submit(slurm, tmp_path, "kd-preempt", ["--config", str(kd_recipe), *LAYOUT],
-                      job_env(tmp_path / "run"))
+                      job_env(tmp_path / "run"), node=CI_NODE if nodes == 1 else TWO_NODES)
     run_dir = tmp_path / "run"
     metrics = run_dir / "logs" / "metrics.jsonl"
     # the ranks' handlers are installed before their first step; freeze both after it
@@ -46,6 +53,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(slurm, kd_re
                "first step logged", slurm, job, log)
     pids = rank_pids(job)
     assert len(pids) == 2, pids
+    on = {e.split(b"=", 1)[1].decode() for pid in pids
+          for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if e.startswith(b"SLURMD_NODENAME=")}
+    assert len(on) == nodes, on  # 2 nodes: one rank on each
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
