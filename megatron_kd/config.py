@@ -219,10 +219,15 @@ class ParallelConfig:
     # before it fails (every process group); a rank frozen for this long + 5 s is killed by its
     # watchdog (megatron_kd/watchdog.py). Fractions allowed (tests use 0.25).
     distributed_timeout_minutes: float = 10.0
+    # `train --engine deepspeed` only (megatron_kd/deepspeed_kd.py; Megatron-DeepSpeed's
+    # --zero-stage): the HF student's ZeRO stage 0-3 (the teacher always runs ZeRO-3 inference)
+    zero_stage: int = 1
 
     def __post_init__(self):
         _positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "context_parallel_size", "expert_model_parallel_size")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage!r}")
         t = self.distributed_timeout_minutes
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ConfigError(f"parallel.distributed_timeout_minutes: expected a number of minutes > 0, "
