@@ -11,6 +11,12 @@ def _train(args) -> int:
     from megatron_kd.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before torch/megatron-core: a typo fails in 0.1 s
+    if args.engine == "deepspeed":
+        from megatron_kd import deepspeed_kd
+
+        deepspeed_kd.check(cfg)  # HF directories, layout: one line before anything starts
+        deepspeed_kd.train(cfg, resume=args.resume, overwrite=args.overwrite)
+        return 0
     from megatron_kd.run import train
     from megatron_kd.training.nonfinite import EXIT_NONFINITE, NonFiniteError
     from megatron_kd.training.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED
@@ -278,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGUSR1/SIGTERM: checkpoint after the current step and exit with code 75 "
                         "(what slurm/*.sbatch use to requeue; resume with --resume)")
+    t.add_argument("--engine", choices=("megatron", "deepspeed"), default="megatron",
+                   help="megatron (default): megatron-core models from run directories; deepspeed: a "
+                        "Hugging Face student (checkpoint.load) distilled from a Hugging Face teacher "
+                        "(teacher.load) under ZeRO parallel.zero_stage, no conversion (docs/deepspeed.md)")
 
     _add_analyze_parser(sub)
 

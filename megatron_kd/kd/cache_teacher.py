@@ -239,7 +239,7 @@ def build(plan: Plan) -> None:
     for split, ds in (("train", train_ds), ("valid", valid_ds)):
         if ds is None or (split == "valid" and want["valid"] == 0):
             continue
-        n = len(ds)
+        n = len(ds) if want[split] is None else min(len(ds), want[split])  # the first n windows
         ranges = shard_ranges(n, dp)
         (out / split).mkdir(exist_ok=True)
         first, end = ranges[dp_rank]

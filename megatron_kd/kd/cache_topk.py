@@ -61,8 +61,8 @@ def teacher_top_k(teacher_logits: torch.Tensor, *, tp_group, vocab_size: int, to
     # Which of this shard's ids are kept: [*, v/tp] bool (scatter of the in-shard ids).
     lo = rank * shard
     in_shard = (ids >= lo) & (ids < lo + shard)
-    kept = torch.zeros_like(scaled, dtype=torch.bool)
-    kept.scatter_(-1, (ids - lo).clamp(0, shard - 1), in_shard)
+    kept = torch.zeros_like(scaled, dtype=torch.int32).scatter_add_(  # add: clamped foreign ids add 0
+        -1, (ids - lo).clamp(0, shard - 1), in_shard.to(torch.int32)) > 0
     shifted = (scaled - global_max.unsqueeze(-1)).exp()  # [*, v/tp], 0 on padding
     sums = torch.stack([shifted.sum(-1), torch.where(kept, 0.0, shifted).sum(-1)])  # [2, *] all, tail
     steps.all_reduce(sums, dist.ReduceOp.SUM, tp_group)

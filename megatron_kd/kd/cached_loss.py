@@ -48,7 +48,8 @@ class _CachedKDLoss(torch.autograd.Function):
         slot = ids >= 0  # [*, k] used slots (top-p pads with -1)
         in_shard = slot & (ids >= lo) & (ids < lo + shard)
         local = (ids - lo).clamp(0, shard - 1)  # [*, k]
-        kept = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, local, in_shard)  # [*, v/tp]
+        # [*, v/tp]; scatter_add: another shard's ids are clamped onto this shard's ends and add 0
+        kept = torch.zeros_like(s, dtype=torch.int32).scatter_add_(-1, local, in_shard.to(torch.int32)) > 0
 
         logits_max = steps.local_max(s, valid.expand(s.shape))  # [*]
         steps.all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)

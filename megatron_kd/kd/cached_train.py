@@ -87,9 +87,13 @@ def check_cache_for_run(cfg: RunConfig, vocab_size: int) -> TeacherCache:
     if cfg.parallel.context_parallel_size > 1:
         raise ConfigError("kd.teacher_source=cache with parallel.context_parallel_size > 1: not supported "
                           "(the cache rows are per whole window)")
-    if cfg.train.eval_iters and cfg.train.eval_interval and not cache.has("valid"):
-        raise ConfigError(f"train.eval_iters={cfg.train.eval_iters}: {where} has no valid split (build it "
-                          "without --valid-samples 0, or set train.eval_iters=0)")
+    if cfg.train.eval_iters and cfg.train.eval_interval:
+        need = cfg.train.eval_iters * cfg.train.global_batch_size
+        if cache.windows("valid") < need:
+            raise ConfigError(f"train.eval_iters={cfg.train.eval_iters} x train.global_batch_size="
+                              f"{cfg.train.global_batch_size} = {need} valid windows, {where} holds "
+                              f"{cache.windows('valid')} (rebuild with --valid-samples {need}, or set "
+                              "train.eval_iters=0)")
     return cache
 
 
@@ -97,14 +101,14 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
     """A PackedDataset whose window i also carries cache rows of window i (token hash checked)."""
 
     def __init__(self, dataset, cache: TeacherCache, split: str):
-        if len(dataset) != cache.windows(split):
+        if len(dataset) < cache.windows(split):
             raise TeacherCacheError(
                 f"kd.teacher_cache {cache.path}: the run's {split} split has {len(dataset)} windows, the "
-                f"cache {cache.windows(split)} (built with other sample counts)")
+                f"cache {cache.windows(split)} (built from other data)")
         self.dataset, self.cache, self.split = dataset, cache, split
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def __len__(self) -> int:  # the cached windows: past them the sampler starts the next epoch
+        return self.cache.windows(self.split)
 
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[i]

@@ -12,7 +12,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     kd_cases.forbid_parallel_state_getters(setattr)
     tp_group = dist.new_group(list(range(world)))
-    kd_cases.print_worst(cache_loss_cases.run_all(tp_group, rank, world), rank, world)
+    kd_cases.print_worst(cache_loss_cases.run_all(tp_group, rank, world, cache_loss_cases.TP2_CASES), rank, world)
     dist.destroy_process_group()
 
 
