@@ -174,9 +174,10 @@ def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr,
             else:
                 z_t = _logit_tile(ht_ptr, wt_ptr, rows64, row_ok, cols, col_ok, h_t,
                                   BLOCK_M, BLOCK_V, BLOCK_K, UPCAST_T)
-            p = tl.exp((z_s / temperature - M_s[:, None]) - log_l_s[:, None])
-            q = tl.exp((z_t / temperature - M_t[:, None]) - log_l_t[:, None])
-            g += tl.where(valid, kd_w[:, None] * (p - q), 0.0)
+            # padding at -inf before exp: p = q = 0 there (its logits may be large: no inf - inf)
+            p = tl.exp((tl.where(valid, z_s / temperature, NEG_INF) - M_s[:, None]) - log_l_s[:, None])
+            q = tl.exp((tl.where(valid, z_t / temperature, NEG_INF) - M_t[:, None]) - log_l_t[:, None])
+            g += kd_w[:, None] * (p - q)
         if USE_CE:
             softmax = tl.exp((z_s - M_ce[:, None]) - log_l_ce[:, None])
             onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
