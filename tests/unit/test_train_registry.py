@@ -42,13 +42,23 @@ def test_kd_alpha_zero_is_ce(tmp_path, all_specs):
     assert registry.get_train_spec(cfg_for("kd", tmp_path, "kd.alpha=0")).name == "ce"
 
 
+def test_teacher_cache_selects_kd_cache(tmp_path, all_specs):
+    cfg = cfg_for("kd", tmp_path, "kd.teacher_source=cache", f"kd.teacher_cache={tmp_path}")
+    assert registry.get_train_spec(cfg).name == "kd_cache"
+    assert registry.get_train_spec(cfg_for("kd", tmp_path, "kd.alpha=0", "kd.teacher_source=cache",
+                                           f"kd.teacher_cache={tmp_path}")).name == "ce"
+
+
 def test_shipped_specs(all_specs):
     from megatron_kd.kd.train_spec import KD_SPEC, build_distillation_chunks
     from megatron_kd.kd.teacher import check_teacher_config
     from megatron_kd.longred.train_spec import LONGRED_SPEC
     from megatron_kd.longred.trainer import LongReDTrainer
 
-    assert registry.registered_train_specs() == ["ce", "kd", "longred"]
+    from megatron_kd.kd.cached_train import CACHE_SPEC, CachedKDTrainer
+
+    assert registry.registered_train_specs() == ["ce", "kd", "kd_cache", "longred"]
+    assert CACHE_SPEC.build_model_chunks is None and CACHE_SPEC.trainer_cls is CachedKDTrainer  # no teacher
     assert KD_SPEC.build_model_chunks is build_distillation_chunks
     assert KD_SPEC.check_config is check_teacher_config and KD_SPEC.trainer_cls is None
     assert LONGRED_SPEC.trainer_cls is LongReDTrainer
