@@ -27,8 +27,8 @@ def check_fused_impl(cfg: RunConfig) -> None:
     from megatron_kd import platform
     from megatron_kd.kd.losses import VocabParallelKD
 
-    if k.alpha > 0 and VocabParallelKD._resolve(k.divergence, k.beta) != "forward_kl":
-        raise ConfigError(f"kd.fused_impl=triton implements forward_kl only, got kd.divergence={k.divergence} "
+    if k.alpha > 0 and VocabParallelKD._resolve(k.divergence, k.beta) not in ("forward_kl", "reverse_kl"):
+        raise ConfigError(f"kd.fused_impl=triton implements forward_kl and reverse_kl, got kd.divergence={k.divergence} "
                           f"(kd.beta={k.beta}); use kd.fused_impl: torch")
     if k.alpha > 0 and k.top_k is not None:
         raise ConfigError(f"kd.fused_impl=triton has no kd.top_k (got {k.top_k}); use kd.fused_impl: torch")

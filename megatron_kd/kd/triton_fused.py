@@ -1,6 +1,6 @@
 """Triton fused linear + KD (+ CE) loss over a TP-sharded vocab (``kd.fused_impl: triton``).
 
-Same inputs, semantics and result as ``kd.fused.fused_linear_kd_loss`` (forward KL, padding
+Same inputs, semantics and result as ``kd.fused.fused_linear_kd_loss`` (forward / reverse KL, padding
 excluded from the KD softmaxes, megatron's CE over the whole padded shard at T = 1, sums over
 loss-masked tokens), but no ``[chunk, V/TP]`` tensor ever exists: the kernels of
 ``triton_kernels.py`` hold one ``[BLOCK_M, BLOCK_V]`` logit tile at a time.
@@ -25,8 +25,11 @@ the scaled gradient. ``grad_hidden`` is all-reduced (SUM, fp32) over ``tp_group`
 state is replicated over TP). The weight gradient's atomics make it non-deterministic on a GPU at
 fp32 rounding level (the summation order of token tiles varies).
 
-Not here (``NotImplementedError``; use ``kd.fused_impl: torch``): reverse KL / JSD, ``top_k``,
-gradients for the teacher. The GEMM tiles use the input dtype with fp32 accumulation; logits
+Divergences: forward KL (the default) and reverse KL (its gradient ``p * (log p - log q - KL)``
+needs the token's KL: backward first recomputes it with the gradient's own arithmetic -- one more
+GEMM pass -- so the difference cancels to round-off even for a one-hot student). Not here (``NotImplementedError``; use
+``kd.fused_impl: torch``): JSD with 0 < beta < 1 (its gradient needs a global sum over the mixture,
+one more pass), ``top_k``, gradients for the teacher. The GEMM tiles use the input dtype with fp32 accumulation; logits
 stay fp32 (the torch path rounds them to the input dtype first), so bf16 results differ from the
 torch path by bf16 rounding, not by semantics.
 """
@@ -76,8 +79,8 @@ def check_available(device_is_cuda: bool) -> None:
 def _check_supported(o: _Options, student_hidden, student_weight, teacher_hidden, teacher_weight,
                      teacher_logits):
     divergence = VocabParallelKD._resolve(o.divergence, o.beta)
-    if o.alpha > 0 and divergence != "forward_kl":
-        raise NotImplementedError(f"kd.fused_impl=triton implements forward_kl only, got kd.divergence="
+    if o.alpha > 0 and divergence not in ("forward_kl", "reverse_kl"):
+        raise NotImplementedError(f"kd.fused_impl=triton implements forward_kl and reverse_kl, got kd.divergence="
                                   f"{o.divergence} (beta={o.beta}); use kd.fused_impl: torch")
     if o.alpha > 0 and o.top_k is not None:
         raise NotImplementedError(f"kd.fused_impl=triton has no kd.top_k (got {o.top_k}); use kd.fused_impl: torch")
@@ -112,6 +115,7 @@ class _Launch:
         self.vocab_start = rank * self.v_local
         self.n_valid = max(0, min(self.v_local, o.vocab_size - self.vocab_start))  # unpadded ids here
         self.use_kd, self.use_ce = o.alpha > 0, o.alpha < 1
+        self.reverse = VocabParallelKD._resolve(o.divergence, o.beta) == "reverse_kl"
         dummy = torch.zeros(1, dtype=hs.dtype, device=hs.device)  # for pointers a pass does not read
         self.hs, self.ws = hs.contiguous(), ws.contiguous()
         self.teacher_logits = zt is not None
@@ -134,12 +138,12 @@ class _Launch:
 
     def flags(self):
         return dict(USE_KD=self.use_kd, USE_CE=self.use_ce, TEACHER_LOGITS=self.teacher_logits,
-                    UPCAST_S=self.upcast_s, UPCAST_T=self.upcast_t, BLOCK_M=self.blocks["block_m"],
+                    REVERSE=self.reverse, UPCAST_S=self.upcast_s, UPCAST_T=self.upcast_t, BLOCK_M=self.blocks["block_m"],
                     BLOCK_V=self.blocks["block_v"], BLOCK_K=self.blocks["block_k"])
 
 
 def _forward(launch: _Launch):
-    """-> (loss_sum fp32 scalar, global stats [6, n] for backward), the TP-reduced statistics."""
+    """-> (loss_sum fp32 scalar, global stats [7, n] for backward), the TP-reduced statistics."""
     k, o, n = launch.kernels, launch.o, launch.n
     device = launch.hs.device
     stats = torch.empty(len(k.STATS), n, dtype=torch.float32, device=device)  # [8, n], shard-local
@@ -156,7 +160,10 @@ def _forward(launch: _Launch):
         return torch.where(l > 0, l * torch.exp(m - big_m), 0.0)
 
     # C re-referenced to the global maxima (see kd_stats_kernel), rescaled like L_t
-    c_glob = torch.where(l_t > 0, torch.exp(m_t - big_m_t) * (c_kl - ((big_m_t - m_t) - (big_m_s - m_s)) * l_t), 0.0)
+    if launch.reverse:  # C weighted by the student (KL(p || q)): the same with the roles swapped
+        c_glob = torch.where(l_s > 0, torch.exp(m_s - big_m_s) * (c_kl - ((big_m_s - m_s) - (big_m_t - m_t)) * l_s), 0.0)
+    else:
+        c_glob = torch.where(l_t > 0, torch.exp(m_t - big_m_t) * (c_kl - ((big_m_t - m_t) - (big_m_s - m_s)) * l_t), 0.0)
     labels_local = launch.labels - launch.vocab_start
     on_shard = (labels_local >= 0) & (labels_local < launch.v_local)
     predicted = torch.where(on_shard, z_tgt - big_m_ce, 0.0)  # megatron: z[target] - max, owning shard
@@ -168,12 +175,15 @@ def _forward(launch: _Launch):
     log_l_s, log_l_t, log_l_ce = sum_s.log(), sum_t.log(), sum_ce.log()
 
     per_token = torch.zeros(n, dtype=torch.float32, device=device)
+    div = torch.zeros(n, dtype=torch.float32, device=device)
     if launch.use_kd:
-        per_token += o.alpha * o.kd_scale * (c_sum / sum_t + log_l_s - log_l_t)
+        # KL(q || p) = C / L_t + log L_s - log L_t; KL(p || q) = C / L_s + log L_t - log L_s
+        div = c_sum / sum_s + log_l_t - log_l_s if launch.reverse else c_sum / sum_t + log_l_s - log_l_t
+        per_token += o.alpha * o.kd_scale * div
     if launch.use_ce:
         per_token += (1.0 - o.alpha) * (log_l_ce - pred)
     loss_sum = torch.where(launch.mask.bool(), per_token, 0.0).sum()  # where: masked garbage stays out
-    gstats = torch.stack([big_m_s, log_l_s, big_m_t, log_l_t, big_m_ce, log_l_ce])  # [6, n]
+    gstats = torch.stack([big_m_s, log_l_s, big_m_t, log_l_t, big_m_ce, log_l_ce, div])  # [7, n]
     return loss_sum, gstats
 
 
@@ -206,12 +216,22 @@ def _backward(launch: _Launch, gstats: torch.Tensor, grad_output: torch.Tensor, 
     else:
         grad_w = torch.zeros(launch.ws.shape, dtype=torch.float32, device=device)
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
-    if launch.n > 0 and (need_h or weight is not None):
+
+    def grad_pass(gstats, out_h, out_w, out_div, div_only):
         k.kd_grad_kernel[launch.grid](launch.hs, launch.ws, launch.ht, launch.wt, launch.zt, launch.labels,
-                                      launch.mask, gstats.contiguous(), kd_w, ce_w,
-                                      grad_h if need_h else dummy, grad_w if grad_w is not None else dummy,
-                                      *launch.common(), NEED_GRAD_H=need_h, NEED_GRAD_W=weight is not None,
-                                      **launch.flags())
+                                      launch.mask, gstats, kd_w, ce_w, out_h, out_w, out_div, *launch.common(),
+                                      NEED_GRAD_H=out_h is not dummy, NEED_GRAD_W=out_w is not dummy,
+                                      DIV_ONLY=div_only, **launch.flags())
+
+    if launch.n > 0 and (need_h or weight is not None):
+        gstats = gstats.contiguous()
+        if launch.use_kd and launch.reverse:
+            # KL(p || q) once more with G's own arithmetic (see kd_grad_kernel), summed over TP
+            div = torch.empty(launch.n, dtype=torch.float32, device=device)
+            grad_pass(gstats, dummy, dummy, div, True)
+            gstats = gstats.clone()
+            gstats[k.GLOBAL_STATS.index("div")] = VocabParallelKD.all_reduce(div, dist.ReduceOp.SUM, o.tp_group)
+        grad_pass(gstats, grad_h if need_h else dummy, grad_w if grad_w is not None else dummy, dummy, False)
     if grad_h is not None:
         # replicated input of a column-parallel layer: the full gradient is the sum over shards
         grad_h = VocabParallelKD.all_reduce(grad_h, dist.ReduceOp.SUM, o.tp_group).to(launch.hs.dtype)
@@ -239,7 +259,7 @@ class _TritonLinearKDLoss(torch.autograd.Function):
         launch = _Launch(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
                          labels, loss_mask, options, blocks)
         loss_sum, gstats = _forward(launch)
-        ctx.launch = launch  # holds the inputs (no copies) and the per-token stats [6, n]
+        ctx.launch = launch  # holds the inputs (no copies) and the per-token stats [7, n]
         ctx.gstats = gstats
         ctx.weight = student_weight if ctx.needs_input_grad[1] else None
         return loss_sum

@@ -20,8 +20,8 @@ NEG_INF = tl.constexpr(float("-inf"))
 STATS = ("m_s", "l_s", "m_t", "l_t", "c_kl", "m_ce", "l_ce", "z_tgt")
 M_S, L_S, M_T, L_T, C_KL, M_CE, L_CE, Z_TGT = (tl.constexpr(i) for i in range(len(STATS)))
 # Rows of the global statistics ``kd_grad_kernel`` reads ([6, n] fp32): maxima and log sum-exps.
-GLOBAL_STATS = ("m_s", "log_l_s", "m_t", "log_l_t", "m_ce", "log_l_ce")
-G_M_S, G_LOG_L_S, G_M_T, G_LOG_L_T, G_M_CE, G_LOG_L_CE = (tl.constexpr(i) for i in range(len(GLOBAL_STATS)))
+GLOBAL_STATS = ("m_s", "log_l_s", "m_t", "log_l_t", "m_ce", "log_l_ce", "div")
+G_M_S, G_LOG_L_S, G_M_T, G_LOG_L_T, G_M_CE, G_LOG_L_CE, G_DIV = (tl.constexpr(i) for i in range(len(GLOBAL_STATS)))
 
 
 @triton.jit
@@ -62,13 +62,14 @@ def _online(m, l, x):
 def kd_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr, stats_ptr,
                     n, v_local, h_s, h_t, n_valid, vocab_start, temperature,
                     USE_KD: tl.constexpr, USE_CE: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
-                    UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+                    REVERSE: tl.constexpr, UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Forward: this shard's per-token statistics in one pass over the vocab, -> stats [8, n].
 
-    Student z/T and teacher z/T over the unpadded ids (cols < n_valid): running max and sum-exp;
-    C = sum_j e^(t_j - m_t) * ((t_j - m_t) - (s_j - m_s)), so that after the TP reduction
-    KL(q || p) = C / L_t + log L_s - log L_t with every difference taken next to its max. CE over
+    Student s = z/T and teacher t = z/T over the unpadded ids (cols < n_valid): running max and
+    sum-exp; forward KL: C = sum_j e^(t_j - m_t) * ((t_j - m_t) - (s_j - m_s)), so that after the
+    TP reduction KL(q || p) = C / L_t + log L_s - log L_t, every difference taken next to its max;
+    REVERSE (KL(p || q)): s and t swap roles. CE over
     the whole padded shard at T = 1: max, sum-exp, and the raw target logit (0 off this shard).
     Loss-masked tokens load zero hidden states: finite whatever their inputs hold.
     """
@@ -105,13 +106,19 @@ def kd_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr
             m_s_old = m_s
             m_t_old = m_t
             l_t_old = l_t
-            m_s, l_s, _, _, m_s_safe = _online(m_s, l_s, tl.where(valid, s, NEG_INF))
+            l_s_old = l_s
+            m_s, l_s, rescale_s, e_s, m_s_safe = _online(m_s, l_s, tl.where(valid, s, NEG_INF))
             m_t, l_t, rescale_t, e_t, m_t_safe = _online(m_t, l_t, tl.where(valid, t, NEG_INF))
-            # re-reference the old C to the new maxima: each of its terms loses (dm_t - dm_s)
-            shift = (m_t_safe - tl.where(seen, m_t_old, m_t_safe)) - (m_s_safe - tl.where(seen, m_s_old, m_s_safe))
-            c_kl = rescale_t * (c_kl - shift * l_t_old)
-            diff = (t - m_t_safe[:, None]) - (s - m_s_safe[:, None])
-            c_kl += tl.sum(e_t * diff, axis=1)  # e_t = 0 off the support
+            d_s = m_s_safe - tl.where(seen, m_s_old, m_s_safe)  # how far each max moved (0 at start)
+            d_t = m_t_safe - tl.where(seen, m_t_old, m_t_safe)
+            # re-reference the old C to the new maxima (each of its terms moves by -(d_a - d_b)),
+            # then add this tile's terms; e = 0 off the support
+            if REVERSE:
+                c_kl = rescale_s * (c_kl - (d_s - d_t) * l_s_old)
+                c_kl += tl.sum(e_s * ((s - m_s_safe[:, None]) - (t - m_t_safe[:, None])), axis=1)
+            else:
+                c_kl = rescale_t * (c_kl - (d_t - d_s) * l_t_old)
+                c_kl += tl.sum(e_t * ((t - m_t_safe[:, None]) - (s - m_s_safe[:, None])), axis=1)
         if USE_CE:
             m_ce, l_ce, _, _, _ = _online(m_ce, l_ce, tl.where(col_ok[None, :], z_s, NEG_INF))
             hit = (cols[None, :] == label[:, None]) & col_ok[None, :]
@@ -129,19 +136,25 @@ def kd_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr
 
 @triton.jit
 def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr, gstats_ptr,
-                   kd_w_ptr, ce_w_ptr, grad_h_ptr, grad_w_ptr,
+                   kd_w_ptr, ce_w_ptr, grad_h_ptr, grad_w_ptr, div_out_ptr,
                    n, v_local, h_s, h_t, n_valid, vocab_start, temperature,
                    USE_KD: tl.constexpr, USE_CE: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
-                   UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
-                   NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr,
+                   REVERSE: tl.constexpr, UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+                   NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, DIV_ONLY: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward: recompute each logit tile, form d loss / d z_S, push it through both GEMMs.
 
-    G = kd_w * (p_S - q) + ce_w * (softmax(z_S) - onehot(label)), [BM, BV], with the global
+    G = kd_w * (p_S - q) + ce_w * (softmax(z_S) - onehot(label)), [BM, BV] (REVERSE: kd_w * p_S *
+    (log p_S - log q - KL(p_S || q)), the softmax Jacobian applied to dKL/dp), with the global
     statistics (log p = (s - M_s) - log L_s) and per-token weights that already hold the loss mask,
     alpha, T and the incoming gradient. grad_h[rows] += G @ w[cols] (fp32, this program owns the
     rows: plain read-add-write); grad_w[cols] += G^T @ x[rows] (fp32 atomics: every token tile
     adds to every vocab row). G goes into the GEMMs in the input dtype, as the torch path does.
+
+    DIV_ONLY (reverse KL, a pass before the gradient pass): only this shard's
+    sum_j p_j (log p_j - log q_j) -> div_out [n], with exactly the arithmetic G uses, so that the
+    ``log p - log q - KL`` of G cancels to round-off even where the log-ratios are ~1e4 (a one-hot
+    student at logit std 1,000, T = 0.5: the forward's online KL differs from this sum by ~1e-3).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,10 +169,13 @@ def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr,
         M_t = tl.load(g_row + G_M_T * n, mask=row_ok, other=0.0)
         log_l_t = tl.load(g_row + G_LOG_L_T * n, mask=row_ok, other=0.0)
         kd_w = tl.load(kd_w_ptr + rows, mask=row_ok, other=0.0)
+        if REVERSE:
+            div = tl.load(g_row + G_DIV * n, mask=row_ok, other=0.0)
     if USE_CE:
         M_ce = tl.load(g_row + G_M_CE * n, mask=row_ok, other=0.0)
         log_l_ce = tl.load(g_row + G_LOG_L_CE * n, mask=row_ok, other=0.0)
         ce_w = tl.load(ce_w_ptr + rows, mask=row_ok, other=0.0)
+    div_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(0, v_local, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_local
@@ -174,36 +190,45 @@ def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr,
             else:
                 z_t = _logit_tile(ht_ptr, wt_ptr, rows64, row_ok, cols, col_ok, h_t,
                                   BLOCK_M, BLOCK_V, BLOCK_K, UPCAST_T)
-            # padding at -inf before exp: p = q = 0 there (its logits may be large: no inf - inf)
-            p = tl.exp((tl.where(valid, z_s / temperature, NEG_INF) - M_s[:, None]) - log_l_s[:, None])
-            q = tl.exp((tl.where(valid, z_t / temperature, NEG_INF) - M_t[:, None]) - log_l_t[:, None])
-            g += kd_w[:, None] * (p - q)
-        if USE_CE:
+            # padding at 0 before the differences (its logits may be large: no inf - inf), then out
+            log_p = (tl.where(valid, z_s / temperature, 0.0) - M_s[:, None]) - log_l_s[:, None]
+            log_q = (tl.where(valid, z_t / temperature, 0.0) - M_t[:, None]) - log_l_t[:, None]
+            p = tl.where(valid, tl.exp(log_p), 0.0)
+            if DIV_ONLY:
+                div_acc += tl.sum(p * (log_p - log_q), axis=1)  # p = 0 off the support
+            elif REVERSE:
+                g += kd_w[:, None] * p * ((log_p - log_q) - div[:, None])
+            else:
+                g += kd_w[:, None] * (p - tl.where(valid, tl.exp(log_q), 0.0))
+        if USE_CE and not DIV_ONLY:
             softmax = tl.exp((z_s - M_ce[:, None]) - log_l_ce[:, None])
             onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
             g += ce_w[:, None] * (softmax - onehot)
-        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-        g_in = g.to(hs_ptr.dtype.element_ty)
-        if UPCAST_S:
-            g_in = g_in.to(tl.float32)
-        for k0 in range(0, h_s, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < h_s
-            if NEED_GRAD_H:
-                w = tl.load(ws_ptr + cols[:, None] * h_s + ks[None, :],
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST_S:
-                    w = w.to(tl.float32)
-                gh_ptrs = grad_h_ptr + rows64[:, None] * h_s + ks[None, :]
-                gh_mask = in_n[:, None] & k_ok[None, :]
-                gh = tl.load(gh_ptrs, mask=gh_mask, other=0.0)
-                gh = tl.dot(g_in, w, gh, input_precision="ieee")  # [BM, BK]
-                tl.store(gh_ptrs, gh, mask=gh_mask)
-            if NEED_GRAD_W:
-                x = tl.load(hs_ptr + rows64[:, None] * h_s + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST_S:
-                    x = x.to(tl.float32)
-                gw = tl.dot(tl.trans(g_in), x, input_precision="ieee")  # [BV, BK] fp32
-                tl.atomic_add(grad_w_ptr + cols[:, None].to(tl.int64) * h_s + ks[None, :], gw,
-                              mask=col_ok[:, None] & k_ok[None, :])
+        if not DIV_ONLY:  # G through both gradient GEMMs, h in BLOCK_K slices
+            g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+            g_in = g.to(hs_ptr.dtype.element_ty)
+            if UPCAST_S:
+                g_in = g_in.to(tl.float32)
+            for k0 in range(0, h_s, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < h_s
+                if NEED_GRAD_H:
+                    w = tl.load(ws_ptr + cols[:, None] * h_s + ks[None, :],
+                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                    if UPCAST_S:
+                        w = w.to(tl.float32)
+                    gh_ptrs = grad_h_ptr + rows64[:, None] * h_s + ks[None, :]
+                    gh_mask = in_n[:, None] & k_ok[None, :]
+                    gh = tl.load(gh_ptrs, mask=gh_mask, other=0.0)
+                    gh = tl.dot(g_in, w, gh, input_precision="ieee")  # [BM, BK]
+                    tl.store(gh_ptrs, gh, mask=gh_mask)
+                if NEED_GRAD_W:
+                    x = tl.load(hs_ptr + rows64[:, None] * h_s + ks[None, :],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    if UPCAST_S:
+                        x = x.to(tl.float32)
+                    gw = tl.dot(tl.trans(g_in), x, input_precision="ieee")  # [BV, BK] fp32
+                    tl.atomic_add(grad_w_ptr + cols[:, None].to(tl.int64) * h_s + ks[None, :], gw,
+                                  mask=col_ok[:, None] & k_ok[None, :])
+    if DIV_ONLY:
+        tl.store(div_out_ptr + rows, div_acc, mask=in_n)

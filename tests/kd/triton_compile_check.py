@@ -26,7 +26,7 @@ COMMON = dict(hs_ptr="*bf16", ws_ptr="*bf16", ht_ptr="*bf16", wt_ptr="*bf16", zt
               labels_ptr="*i64", mask_ptr="*i8")
 SIZES = dict(n="i32", v_local="i32", h_s="i32", h_t="i32", n_valid="i32", vocab_start="i32",
              temperature="fp32")
-FLAGS = dict(USE_KD=True, USE_CE=True, TEACHER_LOGITS=False, UPCAST_S=False, UPCAST_T=False,
+FLAGS = dict(USE_KD=True, USE_CE=True, TEACHER_LOGITS=False, REVERSE=False, UPCAST_S=False, UPCAST_T=False,
              BLOCK_M=triton_fused.DEFAULT_BLOCKS["block_m"], BLOCK_V=triton_fused.DEFAULT_BLOCKS["block_v"],
              BLOCK_K=triton_fused.DEFAULT_BLOCKS["block_k"])
 
@@ -75,7 +75,8 @@ def main():
         "kd_stats_kernel": compile_sm90(k.kd_stats_kernel, dict(stats_ptr="*fp32"), FLAGS),
         "kd_grad_kernel": compile_sm90(
             k.kd_grad_kernel, dict(gstats_ptr="*fp32", kd_w_ptr="*fp32", ce_w_ptr="*fp32", grad_h_ptr="*fp32",
-                                   grad_w_ptr="*fp32"), dict(FLAGS, NEED_GRAD_H=True, NEED_GRAD_W=True)),
+                                   grad_w_ptr="*fp32", div_out_ptr="*fp32"),
+            dict(FLAGS, NEED_GRAD_H=True, NEED_GRAD_W=True, DIV_ONLY=False)),
     }
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -59,7 +59,7 @@ def teacher_logits_of(prob: dict) -> torch.Tensor:
 
 
 def reference(prob: dict, alpha: float, temperature: float, scale_by_t_squared: bool,
-              teacher_logits: bool):
+              teacher_logits: bool, divergence: str = "forward_kl"):
     """float64 autograd through the full logits -> (loss_sum, grad h_s, grad w_s), scaled by UPSTREAM."""
     mask = prob["mask"]
     h_s = prob["h_s"].double()[mask].requires_grad_()  # masked rows hold inf: dropped up front
@@ -74,7 +74,12 @@ def reference(prob: dict, alpha: float, temperature: float, scale_by_t_squared: 
         pad = torch.arange(V_PAD) >= prob["vocab"]
         log_p = torch.log_softmax((z_s / temperature).masked_fill(pad, -math.inf), dim=-1)
         log_q = torch.log_softmax((z_t / temperature).masked_fill(pad, -math.inf), dim=-1)
-        kl = torch.where(pad, 0.0, log_q.exp() * (log_q - log_p)).sum(-1)
+        # padding: -inf logs set to 0 before the terms, else 0 * inf makes nan gradients through where
+        log_p, log_q = log_p.masked_fill(pad, 0.0), log_q.masked_fill(pad, 0.0)
+        if divergence == "reverse_kl":
+            kl = torch.where(pad, 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
+        else:
+            kl = torch.where(pad, 0.0, log_q.exp() * (log_q - log_p)).sum(-1)
         loss = loss + alpha * (temperature ** 2 if scale_by_t_squared else 1.0) * kl.sum()
     if alpha < 1:
         loss = loss + (1 - alpha) * F.cross_entropy(z_s, prob["labels"][mask], reduction="sum")
@@ -135,7 +140,8 @@ def run_case(case: dict, tp_group=None, rank: int = 0, tp: int = 1) -> dict:
         out["grad_w_abs"] = grad_w.abs().max().item()
         return out
     ref_loss, ref_h, ref_w = reference(prob, case["alpha"], case["temperature"],
-                                       case.get("scale_by_t_squared", True), case.get("teacher_logits", False))
+                                       case.get("scale_by_t_squared", True), case.get("teacher_logits", False),
+                                       "reverse_kl" if case.get("beta") == 1.0 else case.get("divergence", "forward_kl"))
     out["loss"] = rel_err(loss, ref_loss)
     out["grad_h"] = rel_err(grad_h, ref_h)
     if grad_w is not None:
@@ -165,13 +171,24 @@ CASES = {
     "fp32/a0.5/T2/vocab17": dict(alpha=0.5, temperature=2.0, vocab=17),  # TP=2: rank 1 all padding
     "fp32/a0.5/T2/main_grad": dict(alpha=0.5, temperature=2.0, main_grad=True, seed=3),
     "fp32/a0.5/T2/weight_frozen": dict(alpha=0.5, temperature=2.0, weight_grad=False),
-    # JSD(beta=0) is forward KL (TRL's / Liger's convention, kd/losses.py): accepted, same loss
+    # JSD(beta=0 / 1) is forward / reverse KL (TRL's / Liger's convention, kd/losses.py)
     "fp32/a0.5/T2/jsd_beta0": dict(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.0, seed=4),
+    "fp32/a0.5/T2/reverse_kl": dict(alpha=0.5, temperature=2.0, divergence="reverse_kl", seed=5),
+    "fp32/a1/T0.5/reverse_kl/teacher_logits": dict(alpha=1.0, temperature=0.5, divergence="reverse_kl",
+                                                   teacher_logits=True),
+    "fp32/a1/T0.5/jsd_beta1/logits_x500": dict(alpha=1.0, temperature=0.5, divergence="jsd", beta=1.0,
+                                               logit_scale=500.0),
     "fp32/all_masked": dict(alpha=0.5, temperature=2.0, all_masked=True),
     "bf16/a0.5/T2": dict(alpha=0.5, temperature=2.0, dtype=torch.bfloat16),
     "bf16/a1/T0.5/teacher_logits": dict(alpha=1.0, temperature=0.5, teacher_logits=True, dtype=torch.bfloat16),
+    "bf16/a0.5/T2/reverse_kl": dict(alpha=0.5, temperature=2.0, divergence="reverse_kl", dtype=torch.bfloat16),
 }
-TP2_CASES = ("fp32/a0.5/T2", "fp32/a1/T0.5/teacher_logits", "fp32/a0.5/T2/vocab17", "bf16/a0.5/T2")
+# Reverse KL with a one-hot student (logit std ~1,000, T = 0.5): the true gradient is ~1e-24, so
+# max |ref| is tiny; kd/fused.py's torch path is off by 2.1e-4 of it too, and without the backward's
+# second KL pass (kd_grad_kernel DIV_ONLY) the kernels were off by 4e21.
+TOLERANCES = {"fp32/a1/T0.5/jsd_beta1/logits_x500": 1e-3}
+TP2_CASES = ("fp32/a0.5/T2", "fp32/a1/T0.5/teacher_logits", "fp32/a0.5/T2/vocab17", "fp32/a0.5/T2/reverse_kl",
+             "bf16/a0.5/T2")
 
 
 def main():
