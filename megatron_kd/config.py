@@ -390,7 +390,7 @@ class KDConfig:
     # per micro-batch (seq_length x micro_batch_size) on.
     loss_impl: str = "auto"
     fused_min_tokens: int = 8192
-    fused_chunk_size: Optional[int] = None  # tokens per chunk; None = ~16M logits per chunk
+    fused_chunk_size: Optional[int] = None  # tokens per chunk; None = max(128, 4M logits / (V/TP))
     # the fused loss's implementation: torch (kd/fused.py, any device) or triton (kd/triton_fused.py:
     # CUDA, forward/reverse KL, no top_k; one [64, 128] logit tile at a time)
     fused_impl: str = "torch"

@@ -318,7 +318,7 @@ def make_plan(cfg: RunConfig, world: Optional[int] = None, vocab_size: Optional[
     else:
         teacher_share = 1.0 if kd else 0.0
     if kd and fused:
-        chunk = cfg.kd.fused_chunk_size or max(1, (1 << 24) // (v_pad // tp))
+        chunk = cfg.kd.fused_chunk_size or max(128, (1 << 22) // (v_pad // tp))  # kd/fused.py's default
         b["logits (fused KD loss, one chunk)"] = min(chunk, T) * v_pad / tp * 4 * 3 + T * m.hidden_size * 4
     else:
         per = act_b + 4 + 4  # logits, fp32 copy, gradient

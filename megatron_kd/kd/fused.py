@@ -7,21 +7,23 @@
 summed, with the count, like ``kd_objective_loss`` -- but it takes the final hidden states and the
 (vocab-sharded) output-layer weights instead of logits, and walks the tokens in chunks. Per chunk
 it forms this rank's ``[chunk, V_pad/TP]`` logit shards (one GEMM per model), runs the named steps
-of the exact loss (``VocabParallelKD``: max, sum-exp, partial divergence, each reduced across TP)
-and megatron-core's own vocab-parallel CE steps (``VocabParallelCrossEntropy``: target logit on the
-owning shard + all-reduce), turns them straight into ``d loss / d logits`` and pushes that through
-the two gradient GEMMs (hidden and weight), then drops the chunk. The gradients are thus computed
-*in the forward* (the Liger-Kernel / Cut-Cross-Entropy trick); backward only scales them by the
+of the exact loss (``VocabParallelKD``: shard-wise fused log-softmax corrected across TP, partial
+divergence) and the CE of the same student logits at T = 1 (the target's log-probability on its
+owning shard), turns them straight into ``d loss / d logits`` and pushes that through the two
+gradient GEMMs (hidden and weight), then drops the chunk. The gradients are thus computed *in
+the forward* (the Liger-Kernel / Cut-Cross-Entropy trick); backward only scales them by the
 incoming scalar. Nothing of size ``[tokens, V_pad/TP]`` lives past its chunk, so the peak extra
-memory is ``O(chunk * V_pad/TP)`` (about ten fp32 chunk-sized temporaries) plus the gradients
-themselves, ``O(n * h + V_pad/TP * h)``.
+memory is ``O(chunk * V_pad/TP)`` (a few fp32 chunk-sized temporaries) plus the gradients
+themselves, ``O(n * h + V_pad/TP * h)``. The default chunk keeps each temporary at 16 MiB: below
+glibc's largest mmap threshold (32 MiB), so on the CPU the chunks reuse heap memory instead of
+mapping and page-faulting fresh memory every time (benchmarks/kd_loss.py).
 
 Semantics, as in the exact path (see ``losses.py`` for the divergences and top-k):
 
 * KD: ``p = softmax(z / T)`` over the unpadded vocab (ids ``>= vocab_size`` excluded), forward /
   reverse KL or JSD(beta), optional teacher top-k, times ``T**2`` if ``scale_by_t_squared``.
-* CE: megatron-core's ``vocab_parallel_cross_entropy`` on the fp32 student logits: temperature 1
-  and, like megatron, over the whole padded shard (padded ids are in its softmax; megatron never
+* CE: what megatron-core's ``vocab_parallel_cross_entropy`` computes on the fp32 student logits:
+  temperature 1 and, like megatron, over the whole padded shard (padded ids are in its softmax; megatron never
   sees the true vocab size). So a switch between the unfused and the fused path changes nothing.
 * Reduction: ``(sum over loss-masked tokens, count)``; masked tokens contribute neither loss nor
   gradient whatever their logits or labels hold (labels there may be e.g. -100).
@@ -35,11 +37,13 @@ does in its backward. Pass the hidden state *not* already routed through that re
 would be taken twice). The weight gradients are per shard and need no collective. The loss is
 replicated on every rank. With sequence parallelism the caller gathers the hidden state first.
 
-Collectives per chunk: one all-reduce MAX ``[<=3, c]``, one SUM ``[<=4, c]``, one SUM ``[<=3, c]``
-(plus an all-gather of ``[c, k]`` for top-k); one SUM of ``[n, h]`` per hidden gradient at the
-end. Precision: logits are formed in the input dtype (as the unfused output layer would), every
-loss statistic in fp32, the weight gradient accumulated over chunks in ``grad_accum_dtype``
-(fp32 by default; it is returned in the weight's dtype).
+Collectives per chunk: one all-gather of ``[<=3 * 2, c]`` (each log-softmax's row max and log
+sum-exp: KD student, KD teacher, CE student) and one all-reduce SUM of ``[<=4, c]`` (partial
+divergence, its H sums for the generic divergences, CE target log-prob); with top-k, the exact
+path's MAX / SUM pair and an all-gather of ``[c, k]`` for the teacher. One SUM of ``[n, h]`` per
+hidden gradient at the end. Precision: logits are formed in the input dtype (as the unfused
+output layer would), every loss statistic in fp32, the weight gradient accumulated over chunks in
+``grad_accum_dtype`` (fp32 by default; it is returned in the weight's dtype).
 """
 from __future__ import annotations
 
@@ -48,13 +52,14 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_kd.kd.losses import VocabParallelKD, _check_args, _group_rank, _group_size
 
-# Default chunk: about 2**24 logits per shard (64 MiB per fp32 [chunk, V/TP] temporary).
-DEFAULT_CHUNK_LOGITS = 1 << 24
+# Default chunk: about 2**22 logits per shard (16 MiB per fp32 [chunk, V/TP] temporary), at least
+# MIN_CHUNK_TOKENS tokens so the chunk GEMMs stay compute-bound at large vocab shards.
+DEFAULT_CHUNK_LOGITS = 1 << 22
+MIN_CHUNK_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -111,16 +116,68 @@ class FusedLinearKD:
             grad_weight += (g.t() @ hidden).to(grad_weight.dtype)
 
 
+def _zero_masked_rows(grad: torch.Tensor, mask: torch.Tensor) -> None:
+    """A masked token's gradient row is exactly 0 (its terms may be nan: 0 * nan is nan)."""
+    if not bool(mask.all()):
+        grad[~mask] = 0.0
+
+
+def _chunk_kd(z_s, z_t, n_valid, o: _Options, need_s: bool, need_t: bool):
+    """One chunk's KD part -> (partial divergences [c] to all-reduce, [extra sums], finish).
+
+    ``finish(div_stats, weight)`` -> (d loss / d z_s [c, nv] or None, d loss / d z_t [c, nv] or
+    None) once the reduced statistics are known. Forward KL with a frozen teacher (the default)
+    needs only ``p - q``; the other divergences go through the generic ``H - p * sum H`` steps.
+    """
+    kd_steps = VocabParallelKD
+    group = o.tp_group
+    student = kd_steps.scaled_valid(z_s, n_valid, o.temperature)  # [c, nv] fp32 (maybe a view)
+    if o.top_k is None:
+        teacher = kd_steps.scaled_valid(z_t, n_valid, o.temperature)
+        log_p, log_q = kd_steps.log_softmax_shards([student, teacher], group)
+        support = None
+    else:  # on the whole padded shard, so every rank has the same widths (see losses.py)
+        (log_p,) = kd_steps.log_softmax_shards([student], group)
+        valid = kd_steps.valid_vocab_mask(z_t.size(-1), _group_rank(group), o.vocab_size, z_t.device)
+        teacher = kd_steps.scaled_logits(z_t, valid, o.temperature)
+        support = kd_steps.teacher_top_k_support(teacher, valid, o.top_k, group)
+        log_q = kd_steps.masked_log_softmax(teacher, support, group)[..., :n_valid]
+        support = support[..., :n_valid]
+    del student, teacher
+
+    if kd_steps._resolve(o.divergence, o.beta) == "forward_kl" and not need_t:
+        q = log_q.exp() if support is None else torch.where(support, log_q.exp(), 0.0)
+        partial = kd_steps.forward_kl(q, log_q, log_p, support)
+        del log_q
+
+        def finish(div_stats, weight):
+            if not need_s:
+                return None, None
+            return log_p.exp_().sub_(q).mul_(weight.unsqueeze(-1)), None  # (p - q) * weight
+        return partial, [], finish
+
+    if support is None:
+        support = torch.ones((), dtype=torch.bool, device=log_p.device).expand(log_p.shape)
+    partial = kd_steps.partial_divergence(log_p, log_q, support, o.divergence, o.beta)
+    h_p, h_q = kd_steps.divergence_grad_terms(log_p, log_q, support, o.divergence, o.beta)
+
+    def finish(div_stats, weight):
+        g_s = FusedLinearKD.softmax_backward(h_p, log_p, div_stats[1], weight) if need_s else None
+        g_t = FusedLinearKD.softmax_backward(h_q, log_q, div_stats[2], weight) if need_t else None
+        return g_s, g_t
+    return partial, [h_p.sum(dim=-1), h_q.sum(dim=-1)], finish
+
+
 def _run_chunks(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
                 labels, loss_mask, needs, o: _Options):
     """The whole loss: -> (fp32 loss sum, [grads of the five tensor inputs or None])."""
-    kd_steps, ce_steps, steps = VocabParallelKD, VocabParallelCrossEntropy, FusedLinearKD
+    kd_steps, steps = VocabParallelKD, FusedLinearKD
     group = o.tp_group
     n, v_local = student_hidden.size(0), student_weight.size(0)
     rank, world = _group_rank(group), _group_size(group)
     device = student_hidden.device
     vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(v_local, rank, world)
-    valid = kd_steps.valid_vocab_mask(v_local, rank, o.vocab_size, device)  # [v/tp]
+    n_valid = kd_steps.valid_count(v_local, rank, o.vocab_size)
     use_kd, use_ce = o.alpha > 0, o.alpha < 1
     teacher_from_hidden = use_kd and teacher_logits is None
     needs = [bool(x) for x in needs]
@@ -147,90 +204,62 @@ def _run_chunks(student_hidden, student_weight, teacher_hidden, teacher_weight, 
         end = min(start + o.chunk_size, n)
         h_s = student_hidden[start:end]  # [c, h_S]
         chunk_mask = mask[start:end]  # [c]
-        c = end - start
         z_s = steps.chunk_logits(h_s, student_weight)  # [c, v/tp] input dtype
-        per_token = torch.zeros(c, dtype=torch.float32, device=device)  # [c]
-        maxes, sums = [], []  # per-token rows reduced together: [<=3, c] MAX, [<=4, c] SUM
+        reduced = []  # per-token partial sums, all-reduced together: [divergence, (H sums), CE target]
 
-        # -- KD: scaled logits and supports (fresh fp32 tensors; z_s is reused by CE below)
         if use_kd:
-            if teacher_from_hidden:
-                z_t = steps.chunk_logits(teacher_hidden[start:end], teacher_weight)  # [c, v/tp]
-            else:
-                z_t = teacher_logits[start:end]
-            student = kd_steps.scaled_logits(z_s, valid, o.temperature)  # [c, v/tp] fp32, pad -inf
-            teacher = kd_steps.scaled_logits(z_t, valid, o.temperature)  # [c, v/tp] fp32, pad -inf
+            z_t = (steps.chunk_logits(teacher_hidden[start:end], teacher_weight) if teacher_from_hidden
+                   else teacher_logits[start:end])  # [c, v/tp]
+            partial, extra, finish_kd = _chunk_kd(z_s, z_t, n_valid, o, need_student_grad,
+                                                  need_teacher_grad)
             del z_t
-            student_support = valid.expand(student.shape)
-            teacher_support = kd_steps.teacher_top_k_support(teacher, valid, o.top_k, group)
-            maxes += [kd_steps.local_max(student, student_support),
-                      kd_steps.local_max(teacher, teacher_support)]
-        # -- CE: megatron's steps on the raw fp32 logits, whole padded shard
+            reduced += [partial, *extra]
         if use_ce:
-            ce_logits, ce_max = ce_steps.calculate_logits_max(z_s)  # [c, v/tp] fp32 (may alias z_s)
-            maxes.append(ce_max)
+            # megatron's CE: fp32 logits at T = 1 over the whole padded shard; the target's
+            # log-probability comes from its owning shard (0 elsewhere), summed over TP.
+            (log_ce,) = kd_steps.log_softmax_shards([z_s.float()], group)  # [c, v/tp]
+            target = labels[start:end]
+            owned = (target >= vocab_start) & (target < vocab_end)
+            local_target = torch.where(owned, target - vocab_start, 0)
+            target_log_prob = torch.where(
+                owned, log_ce.gather(-1, local_target.unsqueeze(-1)).squeeze(-1), 0.0)  # [c]
+            reduced.append(target_log_prob)
         del z_s
 
-        # all-reduce MAX: [student/T, teacher/T (over K), CE student] maxima
-        logits_max = kd_steps.all_reduce(torch.stack(maxes), dist.ReduceOp.MAX, group)  # [<=3, c]
-        if use_kd:
-            sums += [kd_steps.local_sum_exp(student, student_support, logits_max[0]),
-                     kd_steps.local_sum_exp(teacher, teacher_support, logits_max[1])]
-        if use_ce:
-            target = labels[start:end]
-            # In place on ce_logits: shift by the max, exp. The target logit is 0 off its shard.
-            target_mask, masked_target_1d, predicted, ce_sum_exp, exp_logits = \
-                ce_steps.calculate_predicted_logits(ce_logits, target, logits_max[-1],
-                                                    vocab_start, vocab_end)
-            sums += [ce_sum_exp, predicted]
-        # all-reduce SUM: [student sum-exp, teacher sum-exp, CE sum-exp, CE target logit]
-        sum_stats = kd_steps.all_reduce(torch.stack(sums), dist.ReduceOp.SUM, group)  # [<=4, c]
-
+        stats = kd_steps.all_reduce(torch.stack(reduced), dist.ReduceOp.SUM, group)  # [<=4, c]
+        per_token = torch.zeros(end - start, dtype=torch.float32, device=device)
         grad_z_s = None  # [c, v/tp] fp32: d loss_sum / d z_s for this chunk
-        if use_ce:
-            softmax, ce = ce_steps.calculate_cross_entropy_loss(exp_logits, sum_stats[-1], sum_stats[-2])
-            per_token += (1.0 - o.alpha) * ce
-            if need_student_grad:
-                grad_2d, arange_1d, softmax_update, grad_z_s = \
-                    ce_steps.prepare_gradient_calculation_operands(softmax, target_mask)
-                ce_weight = torch.where(chunk_mask, 1.0 - o.alpha, 0.0)  # [c] d loss_sum / d ce
-                ce_steps.calculate_gradients(grad_2d, arange_1d, masked_target_1d, softmax_update,
-                                             grad_z_s, ce_weight)  # in place: softmax storage
-                grad_z_s.masked_fill_(~chunk_mask.unsqueeze(-1), 0.0)  # 0 * nan is nan
-            del softmax, exp_logits, ce_logits
-
         if use_kd:
-            log_p = kd_steps.log_softmax(student, student_support, logits_max[0], sum_stats[0])
-            log_q = kd_steps.log_softmax(teacher, teacher_support, logits_max[1], sum_stats[1])
-            del student, teacher
-            reduced = [kd_steps.partial_divergence(log_p, log_q, teacher_support, o.divergence, o.beta)]
-            if need_student_grad or need_teacher_grad:
-                h_p, h_q = kd_steps.divergence_grad_terms(log_p, log_q, teacher_support,
-                                                          o.divergence, o.beta)
-                reduced += [h_p.sum(dim=-1), h_q.sum(dim=-1)]
-            # all-reduce SUM: [partial divergence, sum H^p, sum H^q] -- the exact path's
-            # forward and backward reductions, in one collective
-            div_stats = kd_steps.all_reduce(torch.stack(reduced), dist.ReduceOp.SUM, group)  # [<=3, c]
-            per_token += o.alpha * (div_stats[0] * o.kd_scale)
+            per_token += o.alpha * o.kd_scale * stats[0]
             # d loss_sum / d(z / T) = alpha * scale * (...), and d(z / T) / dz = 1 / T
             kd_weight = torch.where(chunk_mask, o.alpha * o.kd_scale / o.temperature, 0.0)  # [c]
-            if need_student_grad:
-                g = steps.softmax_backward(h_p, log_p, div_stats[1], kd_weight)
-                g.masked_fill_(~chunk_mask.unsqueeze(-1), 0.0)  # a masked token's terms may be nan
-                grad_z_s = g if grad_z_s is None else grad_z_s.add_(g)
-                del g
-            if need_teacher_grad:
-                grad_z_t = steps.softmax_backward(h_q, log_q, div_stats[2], kd_weight)
-                grad_z_t.masked_fill_(~chunk_mask.unsqueeze(-1), 0.0)
+            g_s, g_t = finish_kd(stats, kd_weight)  # [c, nv] each or None
+            if g_s is not None:
+                grad_z_s = kd_steps.pad_to_shard(g_s, v_local, torch.float32)
+                del g_s
+            if g_t is not None:
+                g_t = kd_steps.pad_to_shard(g_t, v_local, torch.float32)
+                _zero_masked_rows(g_t, chunk_mask)
                 if teacher_from_hidden:
-                    steps.accumulate_grads(grad_z_t, teacher_hidden[start:end], teacher_weight,
+                    steps.accumulate_grads(g_t, teacher_hidden[start:end], teacher_weight,
                                            grad_th[start:end] if need_th else None, grad_tw)
                 else:
-                    grad_tl[start:end] = grad_z_t
-                del grad_z_t
-            del log_p, log_q
-            if need_student_grad or need_teacher_grad:
-                del h_p, h_q
+                    grad_tl[start:end] = g_t
+                del g_t
+            del finish_kd
+        if use_ce:
+            per_token -= (1.0 - o.alpha) * stats[-1]
+            if need_student_grad:
+                ce_weight = torch.where(chunk_mask, 1.0 - o.alpha, 0.0)  # [c]
+                # d CE / d z = softmax - onehot(target), on the owning shard
+                g = log_ce.exp_().mul_(ce_weight.unsqueeze(-1))
+                rows_owned = owned.nonzero().squeeze(-1)
+                g[rows_owned, local_target[rows_owned]] -= ce_weight[rows_owned]
+                grad_z_s = g if grad_z_s is None else grad_z_s.add_(g)
+                del g
+            del log_ce
+        if grad_z_s is not None:
+            _zero_masked_rows(grad_z_s, chunk_mask)
 
         # where, not multiply: a masked token's loss (inf/nan from garbage) must not leak
         loss_sum += torch.where(chunk_mask, per_token, 0.0).sum()
@@ -330,7 +359,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         tp_group: the TP group the vocab is sharded over, explicit (``None``: one process).
         vocab_size, temperature, scale_by_t_squared, divergence, beta, top_k: as in
             ``vocab_parallel_kd_loss``.
-        chunk_size: tokens per chunk; default about ``2**24 / (V_pad/TP)``.
+        chunk_size: tokens per chunk; default ``max(128, 2**22 / (V_pad/TP))``.
         grad_accum_dtype: dtype the weight gradient is accumulated in across chunks.
 
     Returns:
@@ -338,7 +367,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         as ``kd_objective_loss``.
     """
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_LOGITS // student_weight.size(0))
+        chunk_size = max(MIN_CHUNK_TOKENS, DEFAULT_CHUNK_LOGITS // student_weight.size(0))
     o = _Options(tp_group=tp_group, vocab_size=int(vocab_size), alpha=float(alpha),
                  temperature=float(temperature),
                  kd_scale=float(temperature) ** 2 if scale_by_t_squared else 1.0,

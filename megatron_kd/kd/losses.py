@@ -81,6 +81,83 @@ class VocabParallelKD:
         return global_ids < vocab_size
 
     @staticmethod
+    def valid_count(shard_size: int, rank: int, vocab_size: int) -> int:
+        """How many of this shard's ids are below the true vocab size (padding is a suffix)."""
+        return max(0, min(shard_size, vocab_size - rank * shard_size))
+
+    @staticmethod
+    def scaled_valid(logits: torch.Tensor, n_valid: int, temperature: float) -> torch.Tensor:
+        """[*, v/tp] any dtype -> fp32 ``z / T`` of the unpadded columns ``[*, nv]``.
+
+        A view of the input (no copy) when it is already fp32 and T = 1: nothing here writes to it.
+        """
+        valid = logits[..., :n_valid]
+        if valid.dtype == torch.float32 and temperature == 1.0:
+            return valid
+        return valid.float().div_(temperature) if valid.dtype != torch.float32 else valid / temperature
+
+    @staticmethod
+    def pad_to_shard(grad: torch.Tensor, shard_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """[*, nv] gradient of the unpadded columns -> [*, v/tp] in ``dtype``, 0 on the padding."""
+        if grad.size(-1) == shard_size:
+            return grad.to(dtype)
+        out = grad.new_zeros(*grad.shape[:-1], shard_size, dtype=dtype)
+        out[..., :grad.size(-1)] = grad
+        return out
+
+    @staticmethod
+    def log_softmax_shards(scaled, group):
+        """[[*, nv] fp32, ...] -> log-probabilities over the whole TP group's vocab, one per input.
+
+        Each shard runs torch's fused ``log_softmax`` (one cache-resident kernel per row,
+        ``(z - m_r) - log S_r``) and shares only its row max ``m_r`` and ``log S_r`` (read back
+        from the log-probs as ``-max``): one all-gather for all inputs. The global correction
+        ``c_r = (m_r - M) + log S_r - log S`` is added last, so the rounding stays that of
+        ``(z - max) - log sumexp`` (it never forms ``max + log sumexp``: see ``log_softmax``).
+        """
+        outs = [torch.log_softmax(x, dim=-1) for x in scaled]
+        if _group_size(group) == 1:
+            return outs
+        stats = []
+        for x, lp in zip(scaled, outs):
+            if x.size(-1) == 0:  # a shard of padding only: it holds no probability
+                stats += [x.new_full(x.shape[:-1], -math.inf), x.new_zeros(x.shape[:-1])]
+            else:
+                stats += [x.amax(dim=-1), lp.amax(dim=-1).neg_()]
+        local = torch.stack(stats)  # [2 * inputs, *]
+        gathered = [torch.empty_like(local) for _ in range(_group_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        allstats = torch.stack(gathered)  # [tp, 2 * inputs, *]
+        for i, lp in enumerate(outs):
+            m, log_s = allstats[:, 2 * i], allstats[:, 2 * i + 1]  # [tp, *]
+            top = m.amax(dim=0)  # [*]
+            log_total = torch.logsumexp((m - top) + log_s, dim=0)  # log S relative to the top
+            own = local[2 * i] - top + local[2 * i + 1] - log_total  # [*]: c_r
+            lp.add_(own.unsqueeze(-1))
+        return outs
+
+    @staticmethod
+    def masked_log_softmax(scaled: torch.Tensor, support: torch.Tensor, group) -> torch.Tensor:
+        """[*, nv] log-probabilities normalised over a support (e.g. the teacher's top-k) that
+        may leave a shard's row empty: the max / sum-exp steps with -inf outside it."""
+        logits_max = VocabParallelKD.local_max(scaled, support)
+        VocabParallelKD.all_reduce(logits_max, dist.ReduceOp.MAX, group)
+        sum_exp = VocabParallelKD.local_sum_exp(scaled, support, logits_max)
+        VocabParallelKD.all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+        return VocabParallelKD.log_softmax(scaled, support, logits_max, sum_exp)
+
+    @staticmethod
+    def forward_kl(q: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor,
+                   support: Optional[torch.Tensor]) -> torch.Tensor:
+        """[*, nv] -> [*]: this shard's ``sum_K q (log q - log p)``. Consumes ``log_q`` (the
+        difference is formed in its storage) and sums by a batched dot: no temporary at all."""
+        diff = log_q.sub_(log_p)
+        if support is not None:  # outside K: q = 0 and log q = -inf (0 * -inf = nan)
+            diff.masked_fill_(~support, 0.0)
+        rows, nv = math.prod(q.shape[:-1]), q.size(-1)
+        return torch.bmm(q.reshape(rows, 1, nv), diff.reshape(rows, nv, 1)).reshape(q.shape[:-1])
+
+    @staticmethod
     def scaled_logits(logits: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
         """[*, v/tp] any dtype -> fp32 ``z / T`` with padding at -inf (so it drops out of every sum)."""
         return (logits.float() / temperature).masked_fill(~valid, -math.inf)
@@ -187,33 +264,40 @@ class _VocabParallelKDLoss(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_logits, tp_group, vocab_size, temperature,
                 scale, divergence, beta, top_k):
         steps = VocabParallelKD
-        rank = _group_rank(tp_group)
-        valid = steps.valid_vocab_mask(student_logits.size(-1), rank, vocab_size,
-                                       student_logits.device)  # [v/tp]
+        shard = student_logits.size(-1)
+        n_valid = steps.valid_count(shard, _group_rank(tp_group), vocab_size)
+        # Padding is a suffix of the shard: drop it by slicing, so no -inf mask is ever applied
+        # to (and no pass made over) the whole [*, v/tp] tensor.
+        student = steps.scaled_valid(student_logits, n_valid, temperature)  # [*, nv] fp32
+        teacher = steps.scaled_valid(teacher_logits, n_valid, temperature)  # [*, nv] fp32
+        if top_k is None:
+            log_p, log_q = steps.log_softmax_shards([student, teacher], tp_group)  # [*, nv] each
+            support = None
+        else:  # the rare path: on the whole padded shard, so every rank has the same widths
+            (log_p,) = steps.log_softmax_shards([student], tp_group)
+            valid = steps.valid_vocab_mask(shard, _group_rank(tp_group), vocab_size, student.device)
+            teacher = steps.scaled_logits(teacher_logits, valid, temperature)  # [*, v/tp], pad -inf
+            support = steps.teacher_top_k_support(teacher, valid, top_k, tp_group)
+            log_q = steps.masked_log_softmax(teacher, support, tp_group)[..., :n_valid]
+            support = support[..., :n_valid]
+        del student, teacher
 
-        student = steps.scaled_logits(student_logits, valid, temperature)  # [*, v/tp] fp32
-        teacher = steps.scaled_logits(teacher_logits, valid, temperature)  # [*, v/tp] fp32
-        student_support = valid.expand(student.shape)
-        teacher_support = steps.teacher_top_k_support(teacher, valid, top_k, tp_group)
-
-        # Max over the vocab, student and teacher in one all-reduce. No gradient: the max only
-        # shifts the exponent, and this whole forward runs without autograd anyway.
-        logits_max = torch.stack([steps.local_max(student, student_support),
-                                  steps.local_max(teacher, teacher_support)])  # [2, *]
-        steps.all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-
-        sum_exp = torch.stack([steps.local_sum_exp(student, student_support, logits_max[0]),
-                               steps.local_sum_exp(teacher, teacher_support, logits_max[1])])  # [2, *]
-        steps.all_reduce(sum_exp, dist.ReduceOp.SUM, tp_group)
-
-        log_p = steps.log_softmax(student, student_support, logits_max[0], sum_exp[0])  # [*, v/tp]
-        log_q = steps.log_softmax(teacher, teacher_support, logits_max[1], sum_exp[1])  # [*, v/tp]
-
-        divergence_ = steps.partial_divergence(log_p, log_q, teacher_support, divergence, beta)  # [*]
-        steps.all_reduce(divergence_, dist.ReduceOp.SUM, tp_group)
-
-        ctx.save_for_backward(log_p, log_q, teacher_support)
-        ctx.tp_group, ctx.divergence, ctx.beta = tp_group, divergence, beta
+        if steps._resolve(divergence, beta) == "forward_kl" and not ctx.needs_input_grad[1]:
+            # Forward KL: D = sum_K q (log q - log p) and dD/d(z_S/T) = p - q exactly (sum_K q = 1);
+            # keep q, not log q: the backward needs nothing else.
+            q = log_q.exp() if support is None else torch.where(support, log_q.exp(), 0.0)
+            divergence_ = steps.forward_kl(q, log_q, log_p, support)  # [*]
+            steps.all_reduce(divergence_, dist.ReduceOp.SUM, tp_group)
+            ctx.save_for_backward(log_p, q)
+            ctx.fast = True
+        else:
+            if support is None:
+                support = torch.ones((), dtype=torch.bool, device=log_p.device).expand(log_p.shape)
+            divergence_ = steps.partial_divergence(log_p, log_q, support, divergence, beta)  # [*]
+            steps.all_reduce(divergence_, dist.ReduceOp.SUM, tp_group)
+            ctx.save_for_backward(log_p, log_q, support)
+            ctx.fast = False
+        ctx.tp_group, ctx.divergence, ctx.beta, ctx.shard = tp_group, divergence, beta, shard
         ctx.grad_scale = scale / temperature  # d(z/T)/dz = 1/T
         ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
         return divergence_ * scale
@@ -221,20 +305,26 @@ class _VocabParallelKDLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         steps = VocabParallelKD
+        scale = (grad_output.float() * ctx.grad_scale).unsqueeze(-1)  # [*, 1]
+        grad_student = grad_teacher = None
+        if ctx.fast:  # forward KL, teacher without grad: (p - q) * scale, in the saved storage
+            log_p, q = ctx.saved_tensors
+            if ctx.needs_input_grad[0]:
+                grad = log_p.exp_().sub_(q).mul_(scale)  # [*, nv]
+                grad_student = steps.pad_to_shard(grad, ctx.shard, ctx.dtypes[0])
+            return grad_student, None, None, None, None, None, None, None, None
+
         log_p, log_q, support = ctx.saved_tensors
         h_p, h_q = steps.divergence_grad_terms(log_p, log_q, support, ctx.divergence, ctx.beta)
-
         # The softmax Jacobians need the global sums of H^p and H^q: one all-reduce for both.
         h_sums = torch.stack([h_p.sum(dim=-1), h_q.sum(dim=-1)])  # [2, *]
         steps.all_reduce(h_sums, dist.ReduceOp.SUM, ctx.tp_group)
-
-        scale = (grad_output.float() * ctx.grad_scale).unsqueeze(-1)  # [*, 1]
-        needs_student, needs_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_student = grad_teacher = None
-        if needs_student:
-            grad_student = ((h_p - log_p.exp() * h_sums[0].unsqueeze(-1)) * scale).to(ctx.dtypes[0])
-        if needs_teacher:
-            grad_teacher = ((h_q - log_q.exp() * h_sums[1].unsqueeze(-1)) * scale).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[0]:
+            grad = (h_p - log_p.exp() * h_sums[0].unsqueeze(-1)) * scale
+            grad_student = steps.pad_to_shard(grad, ctx.shard, ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad = (h_q - log_q.exp() * h_sums[1].unsqueeze(-1)) * scale
+            grad_teacher = steps.pad_to_shard(grad, ctx.shard, ctx.dtypes[1])
         return grad_student, grad_teacher, None, None, None, None, None, None, None
 
 
