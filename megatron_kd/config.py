@@ -392,7 +392,7 @@ class KDConfig:
     fused_min_tokens: int = 8192
     fused_chunk_size: Optional[int] = None  # tokens per chunk; None = max(128, 4M logits / (V/TP))
     # the fused loss's implementation: torch (kd/fused.py, any device) or triton (kd/triton_fused.py:
-    # CUDA, forward/reverse KL, no top_k; one [64, 128] logit tile at a time)
+    # CUDA, no top_k; one [64, 128] logit tile at a time)
     fused_impl: str = "torch"
     # live: run the teacher every step; cache: read its top-k entries from kd.teacher_cache (a
     # `megatron-kd cache-teacher` directory; no teacher is built). cache_loss: tail = KL over the

@@ -25,11 +25,7 @@ def check_fused_impl(cfg: RunConfig) -> None:
     if k.fused_impl != "triton" or not use_fused_loss(cfg):
         return
     from megatron_kd import platform
-    from megatron_kd.kd.losses import VocabParallelKD
 
-    if k.alpha > 0 and VocabParallelKD._resolve(k.divergence, k.beta) not in ("forward_kl", "reverse_kl"):
-        raise ConfigError(f"kd.fused_impl=triton implements forward_kl and reverse_kl, got kd.divergence={k.divergence} "
-                          f"(kd.beta={k.beta}); use kd.fused_impl: torch")
     if k.alpha > 0 and k.top_k is not None:
         raise ConfigError(f"kd.fused_impl=triton has no kd.top_k (got {k.top_k}); use kd.fused_impl: torch")
     from megatron_kd.kd.triton_fused import check_available

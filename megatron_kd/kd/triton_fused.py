@@ -1,6 +1,6 @@
 """Triton fused linear + KD (+ CE) loss over a TP-sharded vocab (``kd.fused_impl: triton``).
 
-Same inputs, semantics and result as ``kd.fused.fused_linear_kd_loss`` (forward / reverse KL, padding
+Same inputs, semantics and result as ``kd.fused.fused_linear_kd_loss`` (forward / reverse KL, JSD, padding
 excluded from the KD softmaxes, megatron's CE over the whole padded shard at T = 1, sums over
 loss-masked tokens), but no ``[chunk, V/TP]`` tensor ever exists: the kernels of
 ``triton_kernels.py`` hold one ``[BLOCK_M, BLOCK_V]`` logit tile at a time.
@@ -25,18 +25,21 @@ the scaled gradient. ``grad_hidden`` is all-reduced (SUM, fp32) over ``tp_group`
 state is replicated over TP). The weight gradient's atomics make it non-deterministic on a GPU at
 fp32 rounding level (the summation order of token tiles varies).
 
-Divergences: forward KL (the default) and reverse KL (its gradient ``p * (log p - log q - KL)``
+Divergences: forward KL (the default); reverse KL (its gradient ``p * (log p - log q - KL)``
 needs the token's KL: backward first recomputes it with the gradient's own arithmetic -- one more
-GEMM pass -- so the difference cancels to round-off even for a one-hot student). Not here (``NotImplementedError``; use
-``kd.fused_impl: torch``): JSD with 0 < beta < 1 (its gradient needs a global sum over the mixture,
-one more pass), ``top_k``, gradients for the teacher. The GEMM tiles use the input dtype with fp32 accumulation; logits
-stay fp32 (the torch path rounds them to the input dtype first), so bf16 results differ from the
-torch path by bf16 rounding, not by semantics.
+GEMM pass -- so the difference cancels to round-off even for a one-hot student); JSD(beta) in
+TRL's / Liger's convention (kd/losses.py): ``log m`` needs the global normalisers, so the forward
+makes a second pass for ``KL(p || m)`` and ``KL(q || m)``. Not here (``NotImplementedError``; use
+``kd.fused_impl: torch``): ``top_k``, gradients for the teacher.
+
+Precision: GEMM tiles in the input dtype with fp32 accumulation; the logits stay fp32 (the torch
+path rounds them to the input dtype first), so bf16 results differ from the torch path by bf16
+rounding, not by semantics.
 """
 from __future__ import annotations
 
 import functools
-import os
+import math
 from typing import Optional
 
 import torch
@@ -78,10 +81,6 @@ def check_available(device_is_cuda: bool) -> None:
 
 def _check_supported(o: _Options, student_hidden, student_weight, teacher_hidden, teacher_weight,
                      teacher_logits):
-    divergence = VocabParallelKD._resolve(o.divergence, o.beta)
-    if o.alpha > 0 and divergence not in ("forward_kl", "reverse_kl"):
-        raise NotImplementedError(f"kd.fused_impl=triton implements forward_kl and reverse_kl, got kd.divergence="
-                                  f"{o.divergence} (beta={o.beta}); use kd.fused_impl: torch")
     if o.alpha > 0 and o.top_k is not None:
         raise NotImplementedError(f"kd.fused_impl=triton has no kd.top_k (got {o.top_k}); use kd.fused_impl: torch")
     if any(t is not None and t.requires_grad for t in (teacher_hidden, teacher_weight, teacher_logits)) \
@@ -115,7 +114,8 @@ class _Launch:
         self.vocab_start = rank * self.v_local
         self.n_valid = max(0, min(self.v_local, o.vocab_size - self.vocab_start))  # unpadded ids here
         self.use_kd, self.use_ce = o.alpha > 0, o.alpha < 1
-        self.reverse = VocabParallelKD._resolve(o.divergence, o.beta) == "reverse_kl"
+        divergence = VocabParallelKD._resolve(o.divergence, o.beta)
+        self.reverse, self.jsd = self.use_kd and divergence == "reverse_kl", self.use_kd and divergence == "jsd"
         dummy = torch.zeros(1, dtype=hs.dtype, device=hs.device)  # for pointers a pass does not read
         self.hs, self.ws = hs.contiguous(), ws.contiguous()
         self.teacher_logits = zt is not None
@@ -140,6 +140,25 @@ class _Launch:
         return dict(USE_KD=self.use_kd, USE_CE=self.use_ce, TEACHER_LOGITS=self.teacher_logits,
                     REVERSE=self.reverse, UPCAST_S=self.upcast_s, UPCAST_T=self.upcast_t, BLOCK_M=self.blocks["block_m"],
                     BLOCK_V=self.blocks["block_v"], BLOCK_K=self.blocks["block_k"])
+
+    def grad_kernel(self, gstats, kd_w, ce_w, out_h=None, out_w=None, out_div=None):
+        """kd_grad_kernel: the gradient pass into out_h / out_w, or (out_div [2, n]) the DIV_ONLY pass."""
+        beta = min(max(self.o.beta, 1e-30), 1.0 - 1e-7)  # only read for JSD, where 0 < beta < 1
+        dummy = torch.zeros(1, dtype=torch.float32, device=self.hs.device)
+        self.kernels.kd_grad_kernel[self.grid](
+            self.hs, self.ws, self.ht, self.wt, self.zt, self.labels, self.mask, gstats, kd_w, ce_w,
+            dummy if out_h is None else out_h, dummy if out_w is None else out_w,
+            dummy if out_div is None else out_div, *self.common(), math.log(beta), math.log1p(-beta),
+            JSD=self.jsd, NEED_GRAD_H=out_h is not None, NEED_GRAD_W=out_w is not None,
+            DIV_ONLY=out_div is not None, **self.flags())
+
+    def divergence_sums(self, gstats) -> torch.Tensor:
+        """[2, n]: the DIV_ONLY pass's sums (see kd_grad_kernel), all-reduced (SUM) over TP."""
+        out = torch.zeros(2, self.n, dtype=torch.float32, device=self.hs.device)
+        if self.n > 0:
+            unused = torch.zeros(self.n, dtype=torch.float32, device=self.hs.device)
+            self.grad_kernel(gstats.contiguous(), unused, unused, out_div=out)
+        return VocabParallelKD.all_reduce(out, dist.ReduceOp.SUM, self.o.tp_group)
 
 
 def _forward(launch: _Launch):
@@ -179,11 +198,17 @@ def _forward(launch: _Launch):
     if launch.use_kd:
         # KL(q || p) = C / L_t + log L_s - log L_t; KL(p || q) = C / L_s + log L_t - log L_s
         div = c_sum / sum_s + log_l_t - log_l_s if launch.reverse else c_sum / sum_t + log_l_s - log_l_t
+    gstats = torch.stack([big_m_s, log_l_s, big_m_t, log_l_t, big_m_ce, log_l_ce, div])  # [7, n]
+    if launch.jsd:
+        # JSD needs log m with the global normalisers: one more pass, [KL(p || m), KL(q || m)]
+        kl_p_m, kl_q_m = launch.divergence_sums(gstats).unbind(0)
+        div = o.beta * kl_q_m + (1.0 - o.beta) * kl_p_m
+        gstats[k.GLOBAL_STATS.index("div")] = kl_p_m  # what the gradient subtracts (its own arithmetic)
+    if launch.use_kd:
         per_token += o.alpha * o.kd_scale * div
     if launch.use_ce:
         per_token += (1.0 - o.alpha) * (log_l_ce - pred)
     loss_sum = torch.where(launch.mask.bool(), per_token, 0.0).sum()  # where: masked garbage stays out
-    gstats = torch.stack([big_m_s, log_l_s, big_m_t, log_l_t, big_m_ce, log_l_ce, div])  # [7, n]
     return loss_sum, gstats
 
 
@@ -215,23 +240,12 @@ def _backward(launch: _Launch, gstats: torch.Tensor, grad_output: torch.Tensor, 
         grad_w = main_grad  # the kernel's atomics add the (scaled) gradient in place
     else:
         grad_w = torch.zeros(launch.ws.shape, dtype=torch.float32, device=device)
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
-
-    def grad_pass(gstats, out_h, out_w, out_div, div_only):
-        k.kd_grad_kernel[launch.grid](launch.hs, launch.ws, launch.ht, launch.wt, launch.zt, launch.labels,
-                                      launch.mask, gstats, kd_w, ce_w, out_h, out_w, out_div, *launch.common(),
-                                      NEED_GRAD_H=out_h is not dummy, NEED_GRAD_W=out_w is not dummy,
-                                      DIV_ONLY=div_only, **launch.flags())
-
     if launch.n > 0 and (need_h or weight is not None):
         gstats = gstats.contiguous()
-        if launch.use_kd and launch.reverse:
-            # KL(p || q) once more with G's own arithmetic (see kd_grad_kernel), summed over TP
-            div = torch.empty(launch.n, dtype=torch.float32, device=device)
-            grad_pass(gstats, dummy, dummy, div, True)
+        if launch.reverse:  # KL(p || q) once more with G's own arithmetic (see kd_grad_kernel)
             gstats = gstats.clone()
-            gstats[k.GLOBAL_STATS.index("div")] = VocabParallelKD.all_reduce(div, dist.ReduceOp.SUM, o.tp_group)
-        grad_pass(gstats, grad_h if need_h else dummy, grad_w if grad_w is not None else dummy, dummy, False)
+            gstats[k.GLOBAL_STATS.index("div")] = launch.divergence_sums(gstats)[0]
+        launch.grad_kernel(gstats, kd_w, ce_w, out_h=grad_h, out_w=grad_w)
     if grad_h is not None:
         # replicated input of a column-parallel layer: the full gradient is the sum over shards
         grad_h = VocabParallelKD.all_reduce(grad_h, dist.ReduceOp.SUM, o.tp_group).to(launch.hs.dtype)

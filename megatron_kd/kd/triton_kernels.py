@@ -137,24 +137,27 @@ def kd_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr
 @triton.jit
 def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr, gstats_ptr,
                    kd_w_ptr, ce_w_ptr, grad_h_ptr, grad_w_ptr, div_out_ptr,
-                   n, v_local, h_s, h_t, n_valid, vocab_start, temperature,
+                   n, v_local, h_s, h_t, n_valid, vocab_start, temperature, log_beta, log_1m_beta,
                    USE_KD: tl.constexpr, USE_CE: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
-                   REVERSE: tl.constexpr, UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
+                   REVERSE: tl.constexpr, JSD: tl.constexpr, UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
                    NEED_GRAD_H: tl.constexpr, NEED_GRAD_W: tl.constexpr, DIV_ONLY: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward: recompute each logit tile, form d loss / d z_S, push it through both GEMMs.
 
     G = kd_w * (p_S - q) + ce_w * (softmax(z_S) - onehot(label)), [BM, BV] (REVERSE: kd_w * p_S *
-    (log p_S - log q - KL(p_S || q)), the softmax Jacobian applied to dKL/dp), with the global
+    (log p_S - log q - KL(p_S || q)), the softmax Jacobian applied to dKL/dp; JSD(beta), with
+    m = beta q + (1 - beta) p_S: kd_w * (1 - beta) * p_S * (log p_S - log m - KL(p_S || m))), with the global
     statistics (log p = (s - M_s) - log L_s) and per-token weights that already hold the loss mask,
     alpha, T and the incoming gradient. grad_h[rows] += G @ w[cols] (fp32, this program owns the
     rows: plain read-add-write); grad_w[cols] += G^T @ x[rows] (fp32 atomics: every token tile
     adds to every vocab row). G goes into the GEMMs in the input dtype, as the torch path does.
 
-    DIV_ONLY (reverse KL, a pass before the gradient pass): only this shard's
-    sum_j p_j (log p_j - log q_j) -> div_out [n], with exactly the arithmetic G uses, so that the
-    ``log p - log q - KL`` of G cancels to round-off even where the log-ratios are ~1e4 (a one-hot
-    student at logit std 1,000, T = 0.5: the forward's online KL differs from this sum by ~1e-3).
+    DIV_ONLY (a pass of its own, no GEMM for gradients): this shard's share of the divergence's
+    sums -> div_out [2, n]: reverse KL: [sum p (log p - log q), 0]; JSD: [sum p (log p - log m),
+    sum q (log q - log m)] (its value needs the global normalisers, so the forward runs this pass).
+    Computed with exactly the arithmetic G uses, so that G's ``log p - log q - KL`` cancels to
+    round-off even where the log-ratios are ~1e4 (a one-hot student at logit std 1,000, T = 0.5:
+    the forward's online KL differs from this sum by ~1e-3).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,13 +172,14 @@ def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr,
         M_t = tl.load(g_row + G_M_T * n, mask=row_ok, other=0.0)
         log_l_t = tl.load(g_row + G_LOG_L_T * n, mask=row_ok, other=0.0)
         kd_w = tl.load(kd_w_ptr + rows, mask=row_ok, other=0.0)
-        if REVERSE:
+        if REVERSE or JSD:
             div = tl.load(g_row + G_DIV * n, mask=row_ok, other=0.0)
     if USE_CE:
         M_ce = tl.load(g_row + G_M_CE * n, mask=row_ok, other=0.0)
         log_l_ce = tl.load(g_row + G_LOG_L_CE * n, mask=row_ok, other=0.0)
         ce_w = tl.load(ce_w_ptr + rows, mask=row_ok, other=0.0)
     div_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    div_acc_q = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(0, v_local, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_local
@@ -194,7 +198,17 @@ def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr,
             log_p = (tl.where(valid, z_s / temperature, 0.0) - M_s[:, None]) - log_l_s[:, None]
             log_q = (tl.where(valid, z_t / temperature, 0.0) - M_t[:, None]) - log_l_t[:, None]
             p = tl.where(valid, tl.exp(log_p), 0.0)
-            if DIV_ONLY:
+            if JSD:  # log m = logaddexp(log q + log beta, log p + log(1 - beta))
+                a = log_q + log_beta
+                b = log_p + log_1m_beta
+                top = tl.maximum(a, b)
+                log_m = top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+                if DIV_ONLY:
+                    div_acc += tl.sum(p * (log_p - log_m), axis=1)  # p = q = 0 off the support
+                    div_acc_q += tl.sum(tl.where(valid, tl.exp(log_q), 0.0) * (log_q - log_m), axis=1)
+                else:
+                    g += (kd_w[:, None] * tl.exp(log_1m_beta)) * p * ((log_p - log_m) - div[:, None])
+            elif DIV_ONLY:
                 div_acc += tl.sum(p * (log_p - log_q), axis=1)  # p = 0 off the support
             elif REVERSE:
                 g += kd_w[:, None] * p * ((log_p - log_q) - div[:, None])
@@ -232,3 +246,4 @@ def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr,
                                   mask=col_ok[:, None] & k_ok[None, :])
     if DIV_ONLY:
         tl.store(div_out_ptr + rows, div_acc, mask=in_n)
+        tl.store(div_out_ptr + n + rows, div_acc_q, mask=in_n)

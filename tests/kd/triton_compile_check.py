@@ -55,12 +55,12 @@ def config_error() -> str:
     return "no error"
 
 
-def compile_sm90(kernel, pointers: dict, flags: dict) -> dict:
+def compile_sm90(kernel, pointers: dict, scalars: dict, flags: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {**COMMON, **pointers, **SIZES, **{name: "constexpr" for name in flags}}
+    signature = {**COMMON, **pointers, **SIZES, **scalars, **{name: "constexpr" for name in flags}}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=flags),
                               target=GPUTarget("cuda", 90, 32))
     ptx = compiled.asm["ptx"]
@@ -72,11 +72,12 @@ def main():
     k = triton_fused._kernels()
     out = dict(interpreting=triton_fused.interpreting(), cpu_error=cpu_error(), config_error=config_error())
     out["compiled"] = {
-        "kd_stats_kernel": compile_sm90(k.kd_stats_kernel, dict(stats_ptr="*fp32"), FLAGS),
+        "kd_stats_kernel": compile_sm90(k.kd_stats_kernel, dict(stats_ptr="*fp32"), {}, FLAGS),
         "kd_grad_kernel": compile_sm90(
             k.kd_grad_kernel, dict(gstats_ptr="*fp32", kd_w_ptr="*fp32", ce_w_ptr="*fp32", grad_h_ptr="*fp32",
                                    grad_w_ptr="*fp32", div_out_ptr="*fp32"),
-            dict(FLAGS, NEED_GRAD_H=True, NEED_GRAD_W=True, DIV_ONLY=False)),
+            dict(log_beta="fp32", log_1m_beta="fp32"),
+            dict(FLAGS, JSD=False, NEED_GRAD_H=True, NEED_GRAD_W=True, DIV_ONLY=False)),
     }
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -59,7 +59,7 @@ def teacher_logits_of(prob: dict) -> torch.Tensor:
 
 
 def reference(prob: dict, alpha: float, temperature: float, scale_by_t_squared: bool,
-              teacher_logits: bool, divergence: str = "forward_kl"):
+              teacher_logits: bool, divergence: str = "forward_kl", beta: float = 0.5):
     """float64 autograd through the full logits -> (loss_sum, grad h_s, grad w_s), scaled by UPSTREAM."""
     mask = prob["mask"]
     h_s = prob["h_s"].double()[mask].requires_grad_()  # masked rows hold inf: dropped up front
@@ -78,6 +78,11 @@ def reference(prob: dict, alpha: float, temperature: float, scale_by_t_squared: 
         log_p, log_q = log_p.masked_fill(pad, 0.0), log_q.masked_fill(pad, 0.0)
         if divergence == "reverse_kl":
             kl = torch.where(pad, 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
+        elif divergence == "jsd":  # TRL's generalized_jsd_loss: beta weights the teacher's side
+            p, q = log_p.exp(), log_q.exp()
+            log_m = (beta * q + (1 - beta) * p).log()
+            terms = beta * q * (log_q - log_m) + (1 - beta) * p * (log_p - log_m)
+            kl = torch.where(pad, 0.0, terms).sum(-1)
         else:
             kl = torch.where(pad, 0.0, log_q.exp() * (log_q - log_p)).sum(-1)
         loss = loss + alpha * (temperature ** 2 if scale_by_t_squared else 1.0) * kl.sum()
@@ -87,6 +92,10 @@ def reference(prob: dict, alpha: float, temperature: float, scale_by_t_squared: 
     grad_h = torch.zeros(N, H_S, dtype=torch.float64)
     grad_h[mask] = h_s.grad
     return loss.detach(), grad_h, w_s.grad
+
+
+# TRL / Liger: JSD at beta 0 / 1 is forward / reverse KL (the formula itself tends to 0 there)
+REFERENCE_DIVERGENCE = {("jsd", 0.0): "forward_kl", ("jsd", 1.0): "reverse_kl"}
 
 
 def rel_err(x, ref) -> float:
@@ -141,7 +150,9 @@ def run_case(case: dict, tp_group=None, rank: int = 0, tp: int = 1) -> dict:
         return out
     ref_loss, ref_h, ref_w = reference(prob, case["alpha"], case["temperature"],
                                        case.get("scale_by_t_squared", True), case.get("teacher_logits", False),
-                                       "reverse_kl" if case.get("beta") == 1.0 else case.get("divergence", "forward_kl"))
+                                       REFERENCE_DIVERGENCE.get((case.get("divergence"), case.get("beta")),
+                                                                case.get("divergence", "forward_kl")),
+                                       case.get("beta", 0.5))
     out["loss"] = rel_err(loss, ref_loss)
     out["grad_h"] = rel_err(grad_h, ref_h)
     if grad_w is not None:
@@ -181,6 +192,10 @@ CASES = {
     "fp32/all_masked": dict(alpha=0.5, temperature=2.0, all_masked=True),
     "bf16/a0.5/T2": dict(alpha=0.5, temperature=2.0, dtype=torch.bfloat16),
     "bf16/a1/T0.5/teacher_logits": dict(alpha=1.0, temperature=0.5, teacher_logits=True, dtype=torch.bfloat16),
+    "fp32/a0.5/T2/jsd0.5": dict(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.5, seed=6),
+    "fp32/a1/T0.5/jsd0.2/teacher_logits": dict(alpha=1.0, temperature=0.5, divergence="jsd", beta=0.2,
+                                               teacher_logits=True, seed=7),
+    "bf16/a0.5/T2/jsd0.3": dict(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.3, dtype=torch.bfloat16),
     "bf16/a0.5/T2/reverse_kl": dict(alpha=0.5, temperature=2.0, divergence="reverse_kl", dtype=torch.bfloat16),
 }
 # Reverse KL with a one-hot student (logit std ~1,000, T = 0.5): the true gradient is ~1e-24, so
@@ -188,7 +203,7 @@ CASES = {
 # second KL pass (kd_grad_kernel DIV_ONLY) the kernels were off by 4e21.
 TOLERANCES = {"fp32/a1/T0.5/jsd_beta1/logits_x500": 1e-3}
 TP2_CASES = ("fp32/a0.5/T2", "fp32/a1/T0.5/teacher_logits", "fp32/a0.5/T2/vocab17", "fp32/a0.5/T2/reverse_kl",
-             "bf16/a0.5/T2")
+             "fp32/a0.5/T2/jsd0.5", "bf16/a0.5/T2")
 
 
 def main():
