@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def prepare(args) -> Plan:
     tcfg = load_config(str(_run_config_of(ckpt)))
     tok_path = args.tokenizer or tcfg.data.tokenizer_model
     if not tok_path:
-        raise ConfigError(f"--tokenizer: required (the teacher run's config names no data.tokenizer_model)")
+        raise ConfigError("--tokenizer: required (the teacher run's config names no data.tokenizer_model)")
     try:
         tokenizer = load_tokenizer(tok_path)
     except DataError as e:

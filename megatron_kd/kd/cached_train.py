@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -25,7 +24,6 @@ from megatron_kd.kd.cache_format import TeacherCache, TeacherCacheError, window_
 from megatron_kd.training.loop import Trainer
 from megatron_kd.training.registry import TrainSpec, register_train_spec
 
-CACHE_KEYS = ("teacher_ids", "teacher_logp", "teacher_tail")
 
 
 def run_positions_mode(cfg: RunConfig) -> str:
@@ -71,7 +69,10 @@ def check_cache_for_run(cfg: RunConfig, vocab_size: int) -> TeacherCache:
         shape = man["teacher"]["config"]
         if cfg.teacher.rotary_base != shape["rotary_base"]:
             differ("teacher.rotary_base", cfg.teacher.rotary_base, shape["rotary_base"], " (theta)")
-        diff = first_difference(model_config_dict(cfg.teacher), shape)
+        # how the teacher would run, not what it computes: not compared
+        runtime = {k for k in shape if k.startswith("recompute_")} | {"moe_token_dispatcher_type"}
+        diff = first_difference({k: v for k, v in model_config_dict(cfg.teacher).items() if k not in runtime},
+                                {k: v for k, v in shape.items() if k not in runtime})
         if diff:
             differ(f"teacher.{diff[0]}", diff[1], diff[2])
     if tok["vocab_size"] != vocab_size:
