@@ -25,7 +25,6 @@ from megatron_kd.training.loop import Trainer
 from megatron_kd.training.registry import TrainSpec, register_train_spec
 
 
-
 def run_positions_mode(cfg: RunConfig) -> str:
     """The positions the live teacher would see in this run."""
     reset = cfg.data.reset_position_ids or (cfg.teacher is not None and cfg.teacher.reset_position_ids)
