@@ -200,7 +200,9 @@ def build(plan: Plan) -> None:
     validate_layout(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=world,
                                                                         micro_batch_size=1)), world)
     tp = cfg.parallel.tensor_model_parallel_size
-    spec = {**spec, "layout": {"tensor_model_parallel_size": tp, "data_parallel_shards": world // tp}}
+    # the layout decides which windows share a teacher batch (and so the last bits): a resume keeps it
+    spec = {**spec, "layout": {"tensor_model_parallel_size": tp, "data_parallel_shards": world // tp,
+                               "micro_batch_size": args.micro_batch_size}}
     if (out / MANIFEST).is_file() and not args.overwrite:
         have = json.loads((out / MANIFEST).read_text())
         if first_difference({k: have.get(k) for k in spec}, spec) is None:
@@ -209,7 +211,7 @@ def build(plan: Plan) -> None:
     if (out / BUILD).is_file() and not args.overwrite:
         diff = first_difference(json.loads((out / BUILD).read_text()), spec)
         if diff:  # another world size: its shards cover other windows
-            raise ConfigError(f"--output {out}: a partial build with {diff[0]}={diff[1]!r}, this launch has "
+            raise ConfigError(f"--output {out}: built with {diff[0]}={diff[1]!r}, this launch has "
                               f"{diff[2]!r}; resume with the same layout, or --overwrite")
 
     distributed.init_model_parallel(cfg.parallel, seed=1234)
