@@ -36,26 +36,30 @@ class DistillationModel(StudentTeacherPair):
         tpos = position_ids if teacher_position_ids is None else teacher_position_ids
         if self.post_process and self.fused:
             return self._fused_loss(input_ids, position_ids, attention_mask, labels, loss_mask, tpos, **kwargs)
-        student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
-        with torch.no_grad():
-            teacher_out = self.teacher(input_ids, tpos, attention_mask, **kwargs)
         if not self.post_process:
+            student_out = self.student(input_ids, position_ids, attention_mask, **kwargs)
+            with torch.no_grad():
+                teacher_out = self.teacher(input_ids, tpos, attention_mask, **kwargs)
             return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
-        # last stage: logits [b, s, V_pad/TP] (vocab shards of the same padded vocab)
+        # last stage: logits [s, b, V_pad/TP] (vocab shards of the same padded vocab), in the
+        # output layer's layout: the losses are per token, so no [b, s] copy (forward_logits)
+        student_out = self.student.forward_logits(input_ids, position_ids, attention_mask, **kwargs)
+        with torch.no_grad():
+            teacher_out = self.teacher.forward_logits(input_ids, tpos, attention_mask, **kwargs)
         kd = vocab_parallel_kd_loss(
             student_out, teacher_out, tp_group=self.tp_group, vocab_size=self.vocab_size,
             temperature=self.kd_cfg.temperature, scale_by_t_squared=self.kd_cfg.scale_by_t_squared,
             divergence=self.kd_cfg.divergence, beta=self.kd_cfg.beta, top_k=self.kd_cfg.top_k)
         if labels is None:
-            return kd
+            return kd.transpose(0, 1)  # [b, s]
         if self.kd_cfg.alpha < 1.0:
-            # megatron's vocab-parallel CE on the same logits: [s, b, v] in, [s, b] out
-            ce = tensor_parallel.vocab_parallel_cross_entropy(
-                student_out.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous()
-            ).transpose(0, 1)
+            # megatron's vocab-parallel CE on the same [s, b, v] logits, as megatron's own GPTModel
+            # computes it (with fp32 logits, in their storage: the KD loss kept what it needs)
+            ce = tensor_parallel.vocab_parallel_cross_entropy(student_out.float(),
+                                                              labels.transpose(0, 1).contiguous())
         else:
             ce = torch.zeros_like(kd)
-        return torch.stack([kd, ce], dim=-1)  # [b, s, 2]
+        return torch.stack([kd, ce], dim=-1).transpose(0, 1)  # [b, s, 2]
 
     def _fused_loss(self, input_ids, position_ids, attention_mask, labels, loss_mask, teacher_position_ids,
                     **kwargs):

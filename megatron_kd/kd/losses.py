@@ -118,23 +118,33 @@ class VocabParallelKD:
         outs = [torch.log_softmax(x, dim=-1) for x in scaled]
         if _group_size(group) == 1:
             return outs
-        stats = []
-        for x, lp in zip(scaled, outs):
-            if x.size(-1) == 0:  # a shard of padding only: it holds no probability
-                stats += [x.new_full(x.shape[:-1], -math.inf), x.new_zeros(x.shape[:-1])]
-            else:
-                stats += [x.amax(dim=-1), lp.amax(dim=-1).neg_()]
-        local = torch.stack(stats)  # [2 * inputs, *]
+        local = torch.stack([st for x, lp in zip(scaled, outs)
+                             for st in VocabParallelKD.softmax_stats(x, lp)])  # [2 * inputs, *]
+        for lp, c in zip(outs, VocabParallelKD.tp_corrections(local, group)):
+            lp.add_(c.unsqueeze(-1))
+        return outs
+
+    @staticmethod
+    def softmax_stats(scaled: torch.Tensor, log_prob: torch.Tensor):
+        """[*, nv] -> ([*] row max m_r, [*] log S_r): what a shard shares of its log-softmax."""
+        if scaled.size(-1) == 0:  # a shard of padding only: it holds no probability
+            return scaled.new_full(scaled.shape[:-1], -math.inf), scaled.new_zeros(scaled.shape[:-1])
+        return scaled.amax(dim=-1), log_prob.amax(dim=-1).neg_()
+
+    @staticmethod
+    def tp_corrections(local: torch.Tensor, group):
+        """[2k, *] stacked (m_r, log S_r) pairs of k inputs -> k per-row corrections ``c_r`` [*]
+        that turn shard-local log-probabilities into global ones: one all-gather for all."""
         gathered = [torch.empty_like(local) for _ in range(_group_size(group))]
-        dist.all_gather(gathered, local, group=group)
-        allstats = torch.stack(gathered)  # [tp, 2 * inputs, *]
-        for i, lp in enumerate(outs):
+        dist.all_gather(gathered, local.contiguous(), group=group)
+        allstats = torch.stack(gathered)  # [tp, 2k, *]
+        out = []
+        for i in range(local.size(0) // 2):
             m, log_s = allstats[:, 2 * i], allstats[:, 2 * i + 1]  # [tp, *]
             top = m.amax(dim=0)  # [*]
             log_total = torch.logsumexp((m - top) + log_s, dim=0)  # log S relative to the top
-            own = local[2 * i] - top + local[2 * i + 1] - log_total  # [*]: c_r
-            lp.add_(own.unsqueeze(-1))
-        return outs
+            out.append(local[2 * i] - top + local[2 * i + 1] - log_total)
+        return out
 
     @staticmethod
     def masked_log_softmax(scaled: torch.Tensor, support: torch.Tensor, group) -> torch.Tensor:
@@ -259,6 +269,49 @@ class VocabParallelKD:
         return torch.where(support, h_p, 0.0), torch.where(support, h_q, 0.0)
 
 
+# Row chunks of the exact loss's elementwise work: 2**22 fp32 (16 MiB) temporaries stay below
+# glibc's largest mmap threshold (32 MiB), so the CPU allocator reuses them instead of mapping and
+# page-faulting fresh memory for every whole-tensor temporary (a fresh [2048, 8192] fp32 tensor
+# costs ~5x an in-place pass over it; benchmarks/kd_loss.py). Harmless on a GPU.
+ROW_CHUNK_ELEMENTS = 1 << 22
+
+
+def _forward_kl_rows(student_logits, teacher_logits, n_valid: int, temperature: float, group):
+    """Forward KL without top-k, row chunk by row chunk -> (D [rows], log_p [rows, nv], q [rows, nv]).
+
+    Only the two tensors backward needs (``log p`` and ``q``) are whole-size; every temporary is a
+    row chunk. With TP the log-softmaxes are first formed shard-locally, then corrected by one
+    all-gather of their per-row statistics (``VocabParallelKD.tp_corrections``).
+    """
+    steps = VocabParallelKD
+    xs = student_logits.flatten(0, -2)[:, :n_valid]  # [rows, nv] views
+    xt = teacher_logits.flatten(0, -2)[:, :n_valid]
+    rows = xs.size(0)
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, n_valid))
+    log_p = torch.empty(rows, n_valid, dtype=torch.float32, device=xs.device)
+    log_q = torch.empty_like(log_p)  # becomes q in place below
+    tp = _group_size(group) > 1
+    local = torch.empty(4, rows, dtype=torch.float32, device=xs.device) if tp else None
+    for r in range(0, rows, step):
+        rs = slice(r, r + step)
+        for i, (x, out) in enumerate(((xs, log_p), (xt, log_q))):
+            scaled = steps.scaled_valid(x[rs], n_valid, temperature)
+            torch.log_softmax(scaled, dim=-1, out=out[rs])
+            if tp:
+                local[2 * i, rs], local[2 * i + 1, rs] = steps.softmax_stats(scaled, out[rs])
+    corrections = steps.tp_corrections(local, group) if tp else None
+    divergence = torch.empty(rows, dtype=torch.float32, device=xs.device)
+    for r in range(0, rows, step):
+        rs = slice(r, r + step)
+        lp, lq = log_p[rs], log_q[rs]
+        if tp:
+            lp.add_(corrections[0][rs].unsqueeze(-1))
+            lq.add_(corrections[1][rs].unsqueeze(-1))
+        diff = lq - lp
+        divergence[rs] = torch.linalg.vecdot(lq.exp_(), diff)  # lq now holds q
+    return divergence, log_p, log_q
+
+
 class _VocabParallelKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, tp_group, vocab_size, temperature,
@@ -268,6 +321,18 @@ class _VocabParallelKDLoss(torch.autograd.Function):
         n_valid = steps.valid_count(shard, _group_rank(tp_group), vocab_size)
         # Padding is a suffix of the shard: drop it by slicing, so no -inf mask is ever applied
         # to (and no pass made over) the whole [*, v/tp] tensor.
+        fast = steps._resolve(divergence, beta) == "forward_kl" and not ctx.needs_input_grad[1]
+        if fast and top_k is None:  # the default: Hinton's forward KL, frozen teacher
+            divergence_, log_p, q = _forward_kl_rows(student_logits, teacher_logits, n_valid,
+                                                     temperature, tp_group)
+            divergence_ = divergence_.view(student_logits.shape[:-1])
+            steps.all_reduce(divergence_, dist.ReduceOp.SUM, tp_group)
+            ctx.save_for_backward(log_p.view(*student_logits.shape[:-1], n_valid),
+                                  q.view(*student_logits.shape[:-1], n_valid))
+            ctx.fast, ctx.shard, ctx.grad_scale = True, shard, scale / temperature
+            ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
+            return divergence_ * scale
+
         student = steps.scaled_valid(student_logits, n_valid, temperature)  # [*, nv] fp32
         teacher = steps.scaled_valid(teacher_logits, n_valid, temperature)  # [*, nv] fp32
         if top_k is None:
@@ -282,7 +347,7 @@ class _VocabParallelKDLoss(torch.autograd.Function):
             support = support[..., :n_valid]
         del student, teacher
 
-        if steps._resolve(divergence, beta) == "forward_kl" and not ctx.needs_input_grad[1]:
+        if fast:
             # Forward KL: D = sum_K q (log q - log p) and dD/d(z_S/T) = p - q exactly (sum_K q = 1);
             # keep q, not log q: the backward needs nothing else.
             q = log_q.exp() if support is None else torch.where(support, log_q.exp(), 0.0)

@@ -32,6 +32,21 @@ class PositionIdGPTModel(GPTModel):
         finally:
             self._return_hidden = False
 
+    def forward_logits(self, *args, **kwargs):
+        """Last stage: logits ``[s, b, V/TP]`` in the output layer's own layout.
+
+        megatron's ``_postprocess`` returns ``logits.transpose(0, 1).contiguous()`` ([b, s]): a
+        whole-logits copy, and its gradient then reaches the output layer's backward transposed,
+        where megatron copies it twice more to make it contiguous. A loss that is per token either
+        way (the KD loss) skips all three. Multi-token prediction keeps megatron's path.
+        """
+        if not self.post_process or self.config.mtp_num_layers is not None:
+            return self.forward(*args, **kwargs).transpose(0, 1)
+        hidden = self.forward_hidden(*args, **kwargs)  # [s, b, h]
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        return logits
+
     def output_weight(self):
         """The output layer's weight shard ``[V_pad/TP, h]`` (the embedding when tied)."""
         if self.share_embeddings_and_output_weights:
