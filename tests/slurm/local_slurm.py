@@ -330,7 +330,8 @@ class LocalSlurm:
             if proc.poll() is not None and not getattr(proc, "_mkd_killed", False):
                 raise RuntimeError(f"{name} exited with {proc.returncode}\n{self.daemon_logs()}")
         states = self.node_states()
-        return all(states.get(n) == "idle" for n in self.nodes)
+        alive = [n for n in self.nodes if self.procs.get(f"slurmd.{n}") and self.procs[f"slurmd.{n}"].poll() is None]
+        return all(states.get(n) == "idle" for n in alive)  # a killed node never gets there
 
     def _wait(self, predicate, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -81,10 +81,22 @@ def test_lost_node_is_named_nothing_outlives_the_job_and_resubmit_resumes(
     job, log = submit(slurm, tmp_path, "kd-lost", args, job_env(run_dir, MKD_EXIT_GRACE_S=10),
                       node=TWO_NODES, options=["--no-requeue"])
     latest = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    # (the first step: every test after this one shares the cluster and needs node 2 back)
     wait_until(lambda: latest.exists() and latest.read_text().strip().isdigit(), 600,
                "first checkpoint", slurm, job, log)
     pid0 = next(p for p in rank_pids(job) if f"SLURMD_NODENAME={n1}".encode() in
                 open(f"/proc/{p}/environ", "rb").read().split(b"\0"))
+    try:
+        _lose_node_and_resume(slurm, uninterrupted, tmp_path, capsys, job, log, run_dir, args, pid0)
+    finally:
+        if slurm.procs[f"slurmd.{n2}"].poll() is not None:  # node 2 back for the tests after this one
+            slurm.start_node(n2)
+            wait_until(lambda: slurm.node_states().get(n2) == "idle", 120, f"{n2} back to idle")
+
+
+def _lose_node_and_resume(slurm, uninterrupted, tmp_path, capsys, job, log, run_dir, args, pid0):
+    n2 = slurm.nodes[1]
+    latest = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
     killed = slurm.node_processes(n2, job)
     assert len(killed) >= 3, killed  # slurmd, slurmstepd, the rank
     # what the rank started and the kill leaves behind: its watchdog, and after the first save
@@ -111,7 +123,12 @@ def test_lost_node_is_named_nothing_outlives_the_job_and_resubmit_resumes(
     script_done = time.monotonic() - lost_at
     # nothing of the job lives on: not on node 1 (the script, srun, rank 0, its helpers), not the
     # rank-1 helpers left on "node 2" (its watchdog, checkpoint writer, resource tracker)
-    wait_until(lambda: not job_pids(job), 60, "every process of the job gone", slurm, job, log)
+    deadline = time.monotonic() + 60
+    while job_pids(job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = {p: (Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[:2], cmdline(p))
+            for p in job_pids(job)}
+    assert not left, f"processes of job {job} left (pid: state, ppid, command): {left}"
     gone = time.monotonic() - lost_at
     text = log.read_text()
     assert "not requeued; resubmitting the same command resumes from checkpoint" in text, tail(text)
