@@ -29,7 +29,9 @@ setup(
         # triton: the Triton fused KD loss's CPU tests (its interpreter) and sm_90 compile check;
         # 3.7.1 is the version torch 2.13's CUDA wheel pins, so a GPU install keeps one Triton
         "test": ["pytest>=8", "pytest-timeout", "mpi4py>=3.1", "transformers>=5.0,<6", "gguf>=0.10",
-                 "triton==3.7.1; platform_system == 'Linux'"],
+                 "triton==3.7.1; platform_system == 'Linux'", "deepspeed==0.19.8"],
+        # `train --engine deepspeed` (megatron_kd/deepspeed_kd.py): HF student + teacher under ZeRO
+        "deepspeed": ["deepspeed>=0.19", "transformers>=5.0,<6"],
         "triton": ["triton==3.7.1; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["megatron-kd=megatron_kd.cli:main"]},
