@@ -14,8 +14,9 @@
   a truncated shard, kd.top_k above the cache's k, --top-k above the vocab (one line, exit 2,
   nothing written).
 
-Measured: 73 s of pytest on the 2-core box under load average 5-6 from other jobs (84 CPU-seconds;
-the one-process jobs share one import, cache_forkrun.py, and run beside the torchrun builds).
+Measured: 82 s of pytest on the 2-core box under load average 6.5-7 from other jobs (73 s at load
+5-6 before the DP=2 build was added). The one-process jobs share one import (cache_forkrun.py) and
+run beside the torchrun builds and the TP=2 loss worker.
 """
 from __future__ import annotations
 
@@ -92,6 +93,10 @@ def runs(tiny_data, tiny_recipe, tmp_path_factory):
         [train("resumed", cached + ["train.exit_interval=2"]), train("bad_theta", cached + ["teacher.rotary_base=10000"])],
         [train("resumed", cached, flags=("--resume",))],
     ]
+    # the TP=2 loss cases (no files needed) fill the core the teacher's training leaves idle
+    loss_tp2 = mr.start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                         "127.0.0.1", "--master-port", str(mr.free_port()), str(HERE / "cache_loss_worker.py")],
+                        log=root / "loss_tp2.log")
     logs, spec = root / "logs", root / "jobs.json"
     spec.write_text(json.dumps(batches))
     jobs = mr.start([sys.executable, str(HERE / "cache_forkrun.py"), str(spec), str(logs)], log=root / "jobs.log")
@@ -107,6 +112,8 @@ def runs(tiny_data, tiny_recipe, tmp_path_factory):
             mr.kill_group(proc)
             pytest.fail(f"{log}: timed out")
 
+    finish(loss_tp2, "loss_tp2.log")
+    r["loss_tp2"] = (root / "loss_tp2.log").read_text()
     finish(tp2, "tp2.log")
     # DP=2: two shards of 16 windows (multiples of the micro-batch: the same teacher batches as TP=1)
     dp2 = mr.start(_cmd(base + ["--output", str(r["dp2"])], nproc=2), log=root / "dp2.log")
@@ -146,8 +153,13 @@ def test_cached_loss_equals_live_top_k_tp1(monkeypatch):
     _check_loss_results(cache_loss_cases.run_all(None, 0, 1))
 
 
-def test_cached_loss_equals_live_top_k_tp2():
-    _check_loss_results(kd_cases.launch_worker(HERE / "cache_loss_worker.py", 2), cache_loss_cases.TP2_CASES)
+def test_cached_loss_equals_live_top_k_tp2(runs):
+    """cache_loss_worker.py under torchrun (2 gloo ranks), started by the fixture."""
+    lines = [l for l in runs["loss_tp2"].splitlines() if l.startswith("RESULT ")]
+    assert lines, runs["loss_tp2"][-3000:]
+    out = json.loads(lines[0][len("RESULT "):])
+    assert out["tp"] == 2
+    _check_loss_results(out["cases"], cache_loss_cases.TP2_CASES)
 
 
 def test_vocab_202048_ids_and_records(tmp_path):
