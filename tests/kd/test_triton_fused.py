@@ -53,14 +53,13 @@ def results() -> dict:
 
 def check(name: str, metrics: dict):
     bf16 = "bf16" in name
-    fp32_tol = triton_worker.TOLERANCES.get(name, FP32_TOL)
     for metric, value in metrics.items():
         if metric in EXACT:
             assert value == 0, (name, metric, value)
         elif metric.endswith("loss"):
             assert value <= (BF16_LOSS_TOL if bf16 else FP32_TOL), (name, metric, value)
         else:
-            assert value <= (BF16_GRAD_TOL if bf16 else fp32_tol), (name, metric, value)
+            assert value <= (BF16_GRAD_TOL if bf16 else FP32_TOL), (name, metric, value)
 
 
 @pytest.mark.parametrize("name", list(triton_worker.CASES))
