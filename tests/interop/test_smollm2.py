@@ -11,7 +11,7 @@ import pytest
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "tests" / "multirank"))
-from multirank_util import child_env  # noqa: E402
+from multirank_util import child_env, free_port  # noqa: E402
 
 TOL = 2e-4  # fp32, 30 layers, logits up to ~40 in magnitude; observed 5e-5
 
@@ -113,11 +113,11 @@ for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
 
 def test_deepspeed_kd_step_equals_megatron_path(smollm2, pg_data):
     """One KD step of SmolLM2-135M (teacher) -> SmolLM2-135M with noise (student): `train --engine
-    deepspeed` on the HF directories (student ZeRO-1, teacher ZeRO-3 inference) gives the megatron-core
-    path's loss (same models converted, same window) within 1e-5, and so do its KD and CE parts.
-    Observed: loss 4.3e-6 apart, KD 2.8e-7, CE 8.1e-6; the grad norm 7.4e-5 relative (30 layers of
-    transformers' attention vs megatron-core's, summed in another order; within 1e-5 on the 2-layer model in
-    test_deepspeed_kd.py)."""
+    deepspeed` on the HF directories on 2 ranks (student ZeRO-3, teacher ZeRO-3 inference: both
+    models' weights partitioned over the ranks) gives the megatron-core path's loss on one rank
+    (same models converted, same two windows) within 1e-5, and so do its KD and CE parts.
+    Observed: loss 4.3e-6 apart, KD 3.0e-8, CE 8.8e-6; the grad norm 7.8e-5 relative (30 layers of
+    transformers' attention vs megatron-core's, summed in another order)."""
     pytest.importorskip("deepspeed", reason="tools/install.sh test installs deepspeed")
     import yaml
 
@@ -136,22 +136,29 @@ def test_deepspeed_kd_step_equals_megatron_path(smollm2, pg_data):
     assert p.returncode == 0, p.stderr[-3000:]
     tok = run / "tokenizer" / "tokenizer.json"
     common = {"data": {"data_path": str(pg_data), "tokenizer_model": str(tok), "seq_length": 64, "split": "95,5,0"},
-              "train": {"micro_batch_size": 1, "global_batch_size": 1, "train_iters": 1, "lr": 1e-5,
+              "train": {"micro_batch_size": 1, "global_batch_size": 2, "train_iters": 1, "lr": 1e-5,
                         "min_lr": 1e-6, "lr_warmup_iters": 0, "log_interval": 1, "eval_iters": 0},
               "kd": {"alpha": 0.5, "temperature": 2.0}}
     recipes = {
         "megatron": {**common, "model": yaml.safe_load((noisy_run / "config.yaml").read_text())["model"],
                      "checkpoint": {"load": str(noisy_run), "finetune": True},
                      "teacher": {**yaml.safe_load((run / "config.yaml").read_text())["model"], "load": str(run)}},
-        "deepspeed": {**common, "checkpoint": {"load": str(noisy)}, "teacher": {"load": str(hf)}},
+        "deepspeed": {**common, "checkpoint": {"load": str(noisy)}, "teacher": {"load": str(hf)},
+                      "parallel": {"zero_stage": 3}},
     }
+    launch = {"megatron": [sys.executable],
+              "deepspeed": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                            "--master-addr=127.0.0.1", f"--master-port={free_port()}"]}
     out = {}
     for engine, recipe in recipes.items():
         (work / f"{engine}.yaml").write_text(yaml.safe_dump(recipe))
-        p = subprocess.run([sys.executable, "-m", "megatron_kd.cli", "train", "--engine", engine, "--config",
+        p = subprocess.run([*launch[engine], "-m", "megatron_kd.cli", "train", "--engine", engine, "--config",
                             str(work / f"{engine}.yaml"), f"checkpoint.save={work / ('kd_' + engine)}"],
                            capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
         assert p.returncode == 0, p.stderr[-3000:]
+        if engine == "deepspeed":
+            assert "under ZeRO-3, teacher" in p.stdout and "DP 2" in p.stdout, p.stdout[-2000:]
+            assert (work / "kd_deepspeed" / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
         out[engine] = {k: metrics(work / f"kd_{engine}", "train", k)[0][1]
                        for k in ("loss", "kd loss", "lm loss", "grad_norm")}
     a, b = out["megatron"], out["deepspeed"]
