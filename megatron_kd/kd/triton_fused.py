@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_kd.kd.fused import _check_fused_args, _Options
-from megatron_kd.kd.losses import VocabParallelKD, _group_rank, _group_size
+from megatron_kd.kd.losses import VocabParallelKD, _group_rank
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # GPU tile sizes (H100); the CPU interpreter tests pass 16s.
@@ -76,13 +76,15 @@ def check_available(device_is_cuda: bool) -> None:
     _kernels()
     if not device_is_cuda and not interpreting():
         raise RuntimeError("kd.fused_impl=triton: the Triton kernels need a CUDA device; on a CPU use "
-                           "kd.fused_impl: torch (or TRITON_INTERPRET=1, Triton's slow interpreter, for tests)")
+                           "kd.fused_impl: torch (or TRITON_INTERPRET=1, Triton's slow interpreter, "
+                           "for tests)")
 
 
 def _check_supported(o: _Options, student_hidden, student_weight, teacher_hidden, teacher_weight,
                      teacher_logits):
     if o.alpha > 0 and o.top_k is not None:
-        raise NotImplementedError(f"kd.fused_impl=triton has no kd.top_k (got {o.top_k}); use kd.fused_impl: torch")
+        raise NotImplementedError(f"kd.fused_impl=triton has no kd.top_k (got {o.top_k}); "
+                                  "use kd.fused_impl: torch")
     if any(t is not None and t.requires_grad for t in (teacher_hidden, teacher_weight, teacher_logits)) \
             and torch.is_grad_enabled():
         raise NotImplementedError("kd.fused_impl=triton gives the teacher no gradient (its inputs require "
@@ -96,7 +98,8 @@ def _check_supported(o: _Options, student_hidden, student_weight, teacher_hidden
     if student_weight.dtype != student_hidden.dtype:
         raise ValueError(f"kd.fused_impl=triton: student_hidden ({student_hidden.dtype}) and student_weight "
                          f"({student_weight.dtype}) must share a dtype (the GEMM tiles take both)")
-    if teacher_hidden is not None and teacher_weight is not None and teacher_hidden.dtype != teacher_weight.dtype:
+    if teacher_hidden is not None and teacher_weight is not None \
+            and teacher_hidden.dtype != teacher_weight.dtype:
         raise ValueError(f"kd.fused_impl=triton: teacher_hidden ({teacher_hidden.dtype}) and teacher_weight "
                          f"({teacher_weight.dtype}) must share a dtype")
     if student_hidden.device.type != "cuda" and not interpreting():
@@ -110,12 +113,12 @@ class _Launch:
         k = _kernels()
         self.o, self.blocks = o, blocks
         self.n, self.v_local = hs.size(0), ws.size(0)
-        rank, world = _group_rank(o.tp_group), _group_size(o.tp_group)
-        self.vocab_start = rank * self.v_local
+        self.vocab_start = _group_rank(o.tp_group) * self.v_local
         self.n_valid = max(0, min(self.v_local, o.vocab_size - self.vocab_start))  # unpadded ids here
         self.use_kd, self.use_ce = o.alpha > 0, o.alpha < 1
         divergence = VocabParallelKD._resolve(o.divergence, o.beta)
-        self.reverse, self.jsd = self.use_kd and divergence == "reverse_kl", self.use_kd and divergence == "jsd"
+        self.reverse = self.use_kd and divergence == "reverse_kl"
+        self.jsd = self.use_kd and divergence == "jsd"
         dummy = torch.zeros(1, dtype=hs.dtype, device=hs.device)  # for pointers a pass does not read
         self.hs, self.ws = hs.contiguous(), ws.contiguous()
         self.teacher_logits = zt is not None
@@ -138,8 +141,9 @@ class _Launch:
 
     def flags(self):
         return dict(USE_KD=self.use_kd, USE_CE=self.use_ce, TEACHER_LOGITS=self.teacher_logits,
-                    REVERSE=self.reverse, UPCAST_S=self.upcast_s, UPCAST_T=self.upcast_t, BLOCK_M=self.blocks["block_m"],
-                    BLOCK_V=self.blocks["block_v"], BLOCK_K=self.blocks["block_k"])
+                    REVERSE=self.reverse, UPCAST_S=self.upcast_s, UPCAST_T=self.upcast_t,
+                    BLOCK_M=self.blocks["block_m"], BLOCK_V=self.blocks["block_v"],
+                    BLOCK_K=self.blocks["block_k"])
 
     def grad_kernel(self, gstats, kd_w, ce_w, out_h=None, out_w=None, out_div=None):
         """kd_grad_kernel: the gradient pass into out_h / out_w, or (out_div [2, n]) the DIV_ONLY pass."""
@@ -179,10 +183,11 @@ def _forward(launch: _Launch):
         return torch.where(l > 0, l * torch.exp(m - big_m), 0.0)
 
     # C re-referenced to the global maxima (see kd_stats_kernel), rescaled like L_t
+    d_s, d_t = big_m_s - m_s, big_m_t - m_t  # how far each shard's max is below the global one
     if launch.reverse:  # C weighted by the student (KL(p || q)): the same with the roles swapped
-        c_glob = torch.where(l_s > 0, torch.exp(m_s - big_m_s) * (c_kl - ((big_m_s - m_s) - (big_m_t - m_t)) * l_s), 0.0)
+        c_glob = torch.where(l_s > 0, torch.exp(-d_s) * (c_kl - (d_s - d_t) * l_s), 0.0)
     else:
-        c_glob = torch.where(l_t > 0, torch.exp(m_t - big_m_t) * (c_kl - ((big_m_t - m_t) - (big_m_s - m_s)) * l_t), 0.0)
+        c_glob = torch.where(l_t > 0, torch.exp(-d_t) * (c_kl - (d_t - d_s) * l_t), 0.0)
     labels_local = launch.labels - launch.vocab_start
     on_shard = (labels_local >= 0) & (labels_local < launch.v_local)
     predicted = torch.where(on_shard, z_tgt - big_m_ce, 0.0)  # megatron: z[target] - max, owning shard
@@ -320,6 +325,7 @@ def triton_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Te
     _check_supported(o, student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits)
     num_tokens = loss_mask.bool().sum().to(torch.int)
     with torch.no_grad():  # the teacher's tensors enter the kernels as plain data
-        teacher = [t.detach() if t is not None else None for t in (teacher_hidden, teacher_weight, teacher_logits)]
+        teacher = [t.detach() if t is not None else None
+                   for t in (teacher_hidden, teacher_weight, teacher_logits)]
     loss = _TritonLinearKDLoss.apply(student_hidden, student_weight, *teacher, labels, loss_mask, o, blocks)
     return loss, num_tokens

@@ -21,7 +21,8 @@ STATS = ("m_s", "l_s", "m_t", "l_t", "c_kl", "m_ce", "l_ce", "z_tgt")
 M_S, L_S, M_T, L_T, C_KL, M_CE, L_CE, Z_TGT = (tl.constexpr(i) for i in range(len(STATS)))
 # Rows of the global statistics ``kd_grad_kernel`` reads ([6, n] fp32): maxima and log sum-exps.
 GLOBAL_STATS = ("m_s", "log_l_s", "m_t", "log_l_t", "m_ce", "log_l_ce", "div")
-G_M_S, G_LOG_L_S, G_M_T, G_LOG_L_T, G_M_CE, G_LOG_L_CE, G_DIV = (tl.constexpr(i) for i in range(len(GLOBAL_STATS)))
+G_M_S, G_LOG_L_S, G_M_T, G_LOG_L_T, G_M_CE, G_LOG_L_CE, G_DIV = (
+    tl.constexpr(i) for i in range(len(GLOBAL_STATS)))
 
 
 @triton.jit

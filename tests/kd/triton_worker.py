@@ -118,7 +118,8 @@ def grad_floors(prob: dict, case: dict):
 def run_triton(prob: dict, tp_group, rank: int, tp: int, *, alpha: float, temperature: float,
                scale_by_t_squared: bool = True, teacher_logits: bool = False, weight_grad: bool = True,
                main_grad: bool = False, divergence: str = "forward_kl", beta: float = 0.5):
-    """The kernels on this rank's vocab shard -> (loss_sum, count, grad h_s, weight grad or main_grad delta)."""
+    """The kernels on this rank's vocab shard -> (loss_sum, count, grad h_s, weight grad or the
+    main_grad delta, the shard's slice)."""
     cut = slice(rank * V_PAD // tp, (rank + 1) * V_PAD // tp)
     h_s = prob["h_s"].clone().requires_grad_()
     w_s = prob["w_s"][cut].clone().requires_grad_(weight_grad)
@@ -161,7 +162,8 @@ def run_case(case: dict, tp_group=None, rank: int = 0, tp: int = 1) -> dict:
         out["grad_w_abs"] = grad_w.abs().max().item()
         return out
     ref_loss, ref_h, ref_w = reference(prob, case["alpha"], case["temperature"],
-                                       case.get("scale_by_t_squared", True), case.get("teacher_logits", False),
+                                       case.get("scale_by_t_squared", True),
+                                       case.get("teacher_logits", False),
                                        REFERENCE_DIVERGENCE.get((case.get("divergence"), case.get("beta")),
                                                                 case.get("divergence", "forward_kl")),
                                        case.get("beta", 0.5))
@@ -203,7 +205,8 @@ CASES = {
                                                logit_scale=500.0),
     "fp32/all_masked": dict(alpha=0.5, temperature=2.0, all_masked=True),
     "bf16/a0.5/T2": dict(alpha=0.5, temperature=2.0, dtype=torch.bfloat16),
-    "bf16/a1/T0.5/teacher_logits": dict(alpha=1.0, temperature=0.5, teacher_logits=True, dtype=torch.bfloat16),
+    "bf16/a1/T0.5/teacher_logits": dict(alpha=1.0, temperature=0.5, teacher_logits=True,
+                                        dtype=torch.bfloat16),
     "fp32/a0.5/T2/jsd0.5": dict(alpha=0.5, temperature=2.0, divergence="jsd", beta=0.5, seed=6),
     "fp32/a1/T0.5/jsd0.2/teacher_logits": dict(alpha=1.0, temperature=0.5, divergence="jsd", beta=0.2,
                                                teacher_logits=True, seed=7),
@@ -230,7 +233,8 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     kd_cases.forbid_parallel_state_getters(setattr)
     tp_group = dist.new_group(list(range(world)))  # explicit, not the default group object
-    results = {f"tp1/{name}": run_case(case) for i, (name, case) in enumerate(CASES.items()) if i % world == rank}
+    results = {f"tp1/{name}": run_case(case)
+               for i, (name, case) in enumerate(CASES.items()) if i % world == rank}
     results.update({f"tp{world}/{name}": run_case(CASES[name], tp_group, rank, world) for name in TP2_CASES})
     gathered = [None] * world
     dist.all_gather_object(gathered, results)

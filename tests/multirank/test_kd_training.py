@@ -138,6 +138,12 @@ def test_kd_value_checks(tiny_recipe, tmp_path, override, needle):
     assert needle in _error(tiny_recipe, tmp_path, [override])
 
 
+def test_triton_fused_loss_refused_on_cpu(kd_runs, tiny_recipe, tmp_path):
+    """kd.fused_impl=triton needs CUDA (kd/triton_fused.py): refused before anything is written."""
+    line = _error(tiny_recipe, tmp_path, kd_runs["common"] + ["kd.loss_impl=fused", "kd.fused_impl=triton"])
+    assert "kd.fused_impl" in line and "CUDA" in line, line
+
+
 def test_teacher_shape_mismatch_names_tensor(kd_runs, tiny_recipe, tmp_path):
     bad = [o if not o.startswith("teacher.hidden_size") else "teacher.hidden_size=64"
            for o in kd_runs["common"]]
