@@ -49,9 +49,9 @@ def assert_matches_reference(run_dir: Path, reference: dict):
         assert math.isclose(v, reference[it], rel_tol=RTOL), (it, v, reference[it])
 
 
-def rank_pids(job_id: int) -> list[int]:
-    """PIDs of this job's training ranks: found by what they run and the job their environment
-    names, so only this job's processes are ever signalled."""
+def rank_pids(job_id: int, conf: Path | None = None) -> list[int]:
+    """PIDs of this job's training ranks: found by what they run and the job (and, given, the
+    cluster's slurm.conf) their environment names, so only this job's processes are signalled."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -62,7 +62,8 @@ def rank_pids(job_id: int) -> list[int]:
         except OSError:
             continue
         # python -m megatron_kd.cli ... (not srun or torchrun, whose arguments also name it)
-        if cmd[1:3] == [b"-m", b"megatron_kd.cli"] and f"SLURM_JOB_ID={job_id}".encode() in env:
+        if cmd[1:3] == [b"-m", b"megatron_kd.cli"] and f"SLURM_JOB_ID={job_id}".encode() in env \
+                and (conf is None or f"SLURM_CONF={conf}".encode() in env):
             pids.append(int(d.name))
     parent = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in pids}
     return sorted(pid for pid in pids if parent[pid] not in pids)  # not a rank's forked helper

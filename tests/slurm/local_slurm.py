@@ -185,6 +185,10 @@ class LocalSlurm:
         """(Re)start one node's slurmd: on the spool it left, as a rebooted node would."""
         self._spawn(f"slurmd.{node}", [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
 
+    def job_pids(self, job_id: int, node: str | None = None) -> list[int]:
+        """job_pids() of this cluster's job."""
+        return job_pids(job_id, node, self.conf)
+
     def node_processes(self, node: str, job_id: int | None = None) -> list[int]:
         """What dies with a lost node: its slurmd, the slurmstepd it started and (with
         ``job_id``) that job's tasks on it (torchrun, the ranks, a rank's forked writers). Not
@@ -192,7 +196,7 @@ class LocalSlurm:
         tracker): on a machine that stays up they must not outlive their rank by themselves."""
         pids = [self.procs[f"slurmd.{node}"].pid] + self.stepd_pids(node)
         if job_id is not None:
-            pids += [p for p in job_pids(job_id, node)
+            pids += [p for p in job_pids(job_id, node, self.conf)
                      if {b"megatron_kd.cli", b"torch.distributed.run"} & set(_cmd(p))]
         return pids
 
@@ -371,10 +375,13 @@ def _unix_paths(pid: int) -> str:
     return " ".join(l.split()[-1] for l in lines if len(l.split()) >= 8 and l.split()[6] in inodes)
 
 
-def job_pids(job_id: int, node: str | None = None) -> list[int]:
-    """Every live process whose environment names this job (and, given, this node): the batch
-    script, srun, torchrun, the ranks and whatever they started (watchdogs, checkpoint writers)."""
+def job_pids(job_id: int, node: str | None = None, conf: Path | None = None) -> list[int]:
+    """Every live process whose environment names this job (and, given, this node and this
+    cluster's slurm.conf: job ids repeat across clusters): the batch script, srun, torchrun, the
+    ranks and whatever they started (watchdogs, checkpoint writers)."""
     want = {f"SLURM_JOB_ID={job_id}".encode()}
+    if conf is not None:
+        want.add(f"SLURM_CONF={conf}".encode())
     if node is not None:
         want.add(f"SLURMD_NODENAME={node}".encode())
     out = []

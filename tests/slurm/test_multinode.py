@@ -27,7 +27,7 @@ import pytest
 
 from conftest import LAYOUT, STEPS, curve, tail
 from jobs import TWO_NODES, assert_completed, finished, job_env, rank_pids, submit, wait_until
-from local_slurm import job_pids
+from megatron_kd.config import ParallelConfig
 
 KEYS = ("loss", "kd loss", "lm loss", "grad_norm")
 
@@ -84,7 +84,7 @@ def test_lost_node_is_named_nothing_outlives_the_job_and_resubmit_resumes(
     # (the first step: every test after this one shares the cluster and needs node 2 back)
     wait_until(lambda: latest.exists() and latest.read_text().strip().isdigit(), 600,
                "first checkpoint", slurm, job, log)
-    pid0 = next(p for p in rank_pids(job) if f"SLURMD_NODENAME={n1}".encode() in
+    pid0 = next(p for p in rank_pids(job, slurm.conf) if f"SLURMD_NODENAME={n1}".encode() in
                 open(f"/proc/{p}/environ", "rb").read().split(b"\0"))
     try:
         _lose_node_and_resume(slurm, uninterrupted, tmp_path, capsys, job, log, run_dir, args, pid0)
@@ -101,7 +101,7 @@ def _lose_node_and_resume(slurm, uninterrupted, tmp_path, capsys, job, log, run_
     assert len(killed) >= 3, killed  # slurmd, slurmstepd, the rank
     # what the rank started and the kill leaves behind: its watchdog, and after the first save
     # the checkpoint writer's spawn child and resource tracker; all must go by themselves
-    helpers = {p: cmdline(p) for p in job_pids(job, n2) if p not in killed}
+    helpers = {p: cmdline(p) for p in slurm.job_pids(job, n2) if p not in killed}
     assert any("watchdog.py" in c for c in helpers.values()), helpers
     os.kill(pid0, signal.SIGSTOP)  # rank 0 cannot finish the run before node 2 is gone
     try:
@@ -118,16 +118,18 @@ def _lose_node_and_resume(slurm, uninterrupted, tmp_path, capsys, job, log, run_
     detected = time.monotonic() - lost_at
     wait_until(lambda: not os.path.exists(f"/proc/{pid0}"), 120, "rank 0 exits", slurm, job, log)
     exited = time.monotonic() - lost_at
+    limit = 60 * ParallelConfig().distributed_timeout_minutes + 30  # the recipe keeps the default
+    assert exited < limit, (exited, limit)
     # the batch script (node 1) ends: srun gives the lost task MKD_EXIT_GRACE_S, then gives up
     wait_until(lambda: "training failed (exit" in log.read_text(), 300, "the script ends", slurm, job, log)
     script_done = time.monotonic() - lost_at
     # nothing of the job lives on: not on node 1 (the script, srun, rank 0, its helpers), not the
     # rank-1 helpers left on "node 2" (its watchdog, checkpoint writer, resource tracker)
     deadline = time.monotonic() + 60
-    while job_pids(job) and time.monotonic() < deadline:
+    while slurm.job_pids(job) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = {p: (Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[:2], cmdline(p))
-            for p in job_pids(job)}
+            for p in slurm.job_pids(job)}
     assert not left, f"processes of job {job} left (pid: state, ppid, command): {left}"
     gone = time.monotonic() - lost_at
     text = log.read_text()
@@ -164,4 +166,5 @@ def _lose_node_and_resume(slurm, uninterrupted, tmp_path, capsys, job, log, run_
               f"{len(helpers)} helpers of its rank left to clean up after themselves): "
               f"rank 0 named it after {detected:.1f} s, exited after {exited:.1f} s; the script "
               f"ended after {script_done:.1f} s, the last process of the job after {gone:.1f} s; "
-              f"resumed at iteration {newest} of {STEPS}")
+              f"resumed at iteration {newest} of {STEPS}; limit for the exit: collective timeout + 30 s = "
+              f"{limit:.0f} s")

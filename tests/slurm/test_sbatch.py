@@ -51,7 +51,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(slurm, kd_re
     # the ranks' handlers are installed before their first step; freeze both after it
     wait_until(lambda: metrics.exists() and metrics.read_text().strip(), JOB_TIMEOUT,
                "first step logged", slurm, job, log)
-    pids = rank_pids(job)
+    pids = rank_pids(job, slurm.conf)
     assert len(pids) == 2, pids
     on = {e.split(b"=", 1)[1].decode() for pid in pids
           for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if e.startswith(b"SLURMD_NODENAME=")}
