@@ -9,12 +9,23 @@ Same inputs for every variant (student hidden [n, h] and output weight [V, h] re
 frozen teacher's hidden [n, h_T] and weight [V, h_T]; TP=1); the loss is alpha * KD + (1-alpha) *
 CE over the loss-masked tokens (default alpha=1: forward KL, T=1, as the peers compute):
 
+* gemm       the four GEMMs every variant does (student logits and its two gradient GEMMs, the
+             teacher's logits) and nothing else: the floor
 * naive      full-vocab fp32 logits, log_softmax / KL / CE in plain torch, autograd
 * exact      megatron_kd's vocab-parallel loss (kd/losses.py) on full logits, autograd
 * fused/c    megatron_kd's fused chunked linear+KD loss (kd/fused.py), chunk of c tokens
+             (``fused/auto``: its default chunk)
+* triton     megatron_kd's Triton kernels (kd/triton_fused.py; CUDA, or TRITON_INTERPRET=1)
 * modelopt   NVIDIA ModelOpt's megatron ``LogitsKLLoss`` (if importable)
 * liger/*    Liger-Kernel's ``LigerFusedLinearJSD`` and ``chunked_loss.LigerFusedLinearJSDLoss``,
              beta=0 (forward KL) (if importable)
+
+``--tp N`` times one rank's share of TP=N: rank 0's vocab shard ``V_pad / N`` (V_pad padded to a
+multiple of 128 * N, as megatron pads it), collectives excluded (one process).
+
+Before a variant starts, its peak memory is estimated (whole-logits variants: ~7 fp32 ``[n, V/TP]``
+tensors, measured; the fused ones a few chunk-sized ones plus the gradients) and a variant that
+would not fit in the memory available is skipped with the estimate, not run into an OOM.
 
 Each variant runs in a fresh subprocess (so one variant's cached allocations cannot hide
 another's), and reports:
@@ -31,15 +42,13 @@ and device access goes through megatron_kd.platform only (no such helper there y
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
-
-VARIANTS_BASE = ("naive", "exact")
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--vocab-pad", type=int, default=None, help="V_pad (default: V rounded up to 128)")
     ap.add_argument("--hidden", type=int, default=256, help="student hidden size")
     ap.add_argument("--teacher-hidden", type=int, default=None, help="default: --hidden")
-    ap.add_argument("--chunks", default="128,512,2048", help="fused chunk sizes (tokens)")
+    ap.add_argument("--chunks", default="auto,512", help="fused chunk sizes (tokens, or auto)")
+    ap.add_argument("--tp", type=int, default=1, help="time one rank's vocab shard of TP=N")
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -60,14 +70,77 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+PEERS = {"modelopt": "modelopt", "liger": "liger_kernel"}  # variant prefix -> importable package
+
 # ------------------------------------------------------------------------------- child process
+
+
+def padded_vocab(args) -> int:
+    """V_pad as megatron pads it: a multiple of 128 * TP (or --vocab-pad)."""
+    return args.vocab_pad or -(-args.vocab // (128 * args.tp)) * 128 * args.tp
+
+
+def check_args(args) -> None:
+    """One-line errors for shapes no rank layout can run, before any variant starts."""
+    if args.tp < 1:
+        raise SystemExit(f"kd_loss.py: --tp {args.tp}: expected >= 1")
+    v_pad = padded_vocab(args)
+    if v_pad % args.tp or v_pad < args.vocab:
+        raise SystemExit(f"kd_loss.py: --vocab-pad {v_pad} must be >= --vocab {args.vocab} and divisible "
+                         f"by --tp {args.tp}")
+    shard = v_pad // args.tp
+    if (args.tp - 1) * shard >= args.vocab:
+        largest = max(t for t in range(1, args.tp) if (t - 1) * (-(-args.vocab // (128 * t)) * 128) < args.vocab)
+        raise SystemExit(f"kd_loss.py: --tp {args.tp} with --vocab {args.vocab}: V_pad {v_pad} gives shards of "
+                         f"{shard} ids and the last rank's would hold only padding; at most --tp {largest}")
+    for name in ("tokens", "chunks"):
+        for item in getattr(args, name).split(","):
+            if not (item == "auto" and name == "chunks") and not (item.isdigit() and int(item) > 0):
+                raise SystemExit(f"kd_loss.py: --{name} {getattr(args, name)!r}: expected comma-separated "
+                                 f"positive integers{' or auto' if name == 'chunks' else ''}")
+
+
+def estimated_peak_bytes(name: str, args, n: int) -> int:
+    """A variant's peak extra memory: ~7 whole fp32 [n, V/TP] tensors for the unfused ones (the
+    naive loss measured 3.42 GiB at 4,096 x 32,000 = 6.9 such tensors), a few chunk-sized ones
+    plus the fp32 gradients for the fused ones; inputs on top."""
+    shard = padded_vocab(args) // args.tp
+    h = max(args.hidden, args.teacher_hidden or args.hidden)
+    elt = 2 if args.dtype == "bfloat16" else 4
+    inputs = (2 * n * h + 2 * shard * h) * elt
+    if name in ("naive", "exact", "modelopt"):
+        return 7 * n * shard * 4 + inputs
+    if name == "gemm":
+        return 3 * n * shard * 4 + inputs
+    grads = 4 * (n * h + shard * h)
+    if name.startswith("fused/"):
+        chunk = _chunk(name, args)
+        return 12 * min(chunk, n) * shard * 4 + grads + inputs
+    return 4 * 2 ** 20 * 4 + grads + inputs  # triton / liger: tile-sized, assume a 16 MiB pad
+
+
+def _chunk(name: str, args) -> int:
+    c = name.split("/")[1]
+    if c == "auto":
+        from megatron_kd.kd.fused import DEFAULT_CHUNK_LOGITS, MIN_CHUNK_TOKENS
+        return max(MIN_CHUNK_TOKENS, DEFAULT_CHUNK_LOGITS // (padded_vocab(args) // args.tp))
+    return int(c)
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    import psutil
+    return psutil.virtual_memory().available
 
 
 def _problem(args, n, device):
     import torch
 
     dtype = getattr(torch, args.dtype)
-    v_pad = args.vocab_pad or -(-args.vocab // 128) * 128
+    v_pad = padded_vocab(args) // args.tp  # rank 0's shard: all of it real vocab (check_args)
     h_t = args.teacher_hidden or args.hidden
     g = torch.Generator().manual_seed(0)
 
@@ -78,7 +151,7 @@ def _problem(args, n, device):
         h_s=rand(n, args.hidden).requires_grad_(),
         w_s=rand(v_pad, args.hidden, scale=args.hidden ** -0.5).requires_grad_(),
         h_t=rand(n, h_t), w_t=rand(v_pad, h_t, scale=2 * h_t ** -0.5),
-        labels=torch.randint(0, args.vocab, (n,), generator=g).to(device),
+        labels=torch.randint(0, min(args.vocab, v_pad), (n,), generator=g).to(device),
         mask=(torch.rand(n, generator=g) > 0.05).to(device),
     )
     return p, v_pad
@@ -92,7 +165,7 @@ def _variant_fn(name, args, p):
     from megatron_kd.kd import kd_objective_loss, vocab_parallel_kd_loss
     from megatron_kd.kd.fused import fused_linear_kd_loss
 
-    V, T, alpha = args.vocab, args.temperature, args.alpha
+    V, T, alpha = min(args.vocab, padded_vocab(args) // args.tp), args.temperature, args.alpha
     kd_scale = T * T
 
     def naive():
@@ -119,10 +192,30 @@ def _variant_fn(name, args, p):
         loss, _ = kd_objective_loss(kd, ce, p["mask"], alpha)
         loss.backward()
 
-    if name in ("naive", "exact"):
-        return {"naive": naive, "exact": exact}[name]
+    def gemm():
+        z_s = p["h_s"].detach() @ p["w_s"].detach().t()
+        with torch.no_grad():
+            p["h_t"] @ p["w_t"].t()
+        z_s @ p["w_s"].detach()
+        z_s.t() @ p["h_s"].detach()
+
+    if name in ("naive", "exact", "gemm"):
+        return {"naive": naive, "exact": exact, "gemm": gemm}[name]
+    if name == "triton":
+        try:
+            from megatron_kd.kd import triton_fused
+            triton_fused.check_available(p["h_s"].is_cuda)
+        except (ImportError, RuntimeError) as e:
+            return f"not run: {str(e).splitlines()[0][:110]}"
+
+        def triton_loss():
+            loss, _ = triton_fused.triton_linear_kd_loss(
+                p["h_s"], p["w_s"], p["h_t"], p["w_t"], labels=p["labels"], loss_mask=p["mask"],
+                alpha=alpha, tp_group=None, vocab_size=V, temperature=T)
+            loss.backward()
+        return triton_loss
     if name.startswith("fused/"):
-        chunk = int(name.split("/")[1])
+        chunk = _chunk(name, args)
 
         def fused():
             loss, _ = fused_linear_kd_loss(p["h_s"], p["w_s"], p["h_t"], p["w_t"], labels=p["labels"],
@@ -195,6 +288,14 @@ def run_child(args):
     if fn is None or isinstance(fn, str):
         print("RESULT " + json.dumps({"status": fn or "not installed"}))
         return
+    if name == "gemm" and device.type == "cpu":  # time only: no autograd, nothing to trace
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        print("RESULT " + json.dumps({"status": "ok", "time_s": min(times), "v_pad": v_pad}))
+        return
 
     def step():
         p["h_s"].grad = p["w_s"].grad = None
@@ -224,26 +325,41 @@ def _fmt_bytes(b):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     if args.child:
         return run_child(args)
-    variants = list(VARIANTS_BASE) + [f"fused/{c}" for c in args.chunks.split(",")] + [
-        "modelopt", "liger/fused_linear_jsd", "liger/chunked_jsd"]
+    variants = ["naive", "gemm", "exact"] + [f"fused/{c}" for c in args.chunks.split(",")] + [
+        "triton", "modelopt", "liger/fused_linear_jsd", "liger/chunked_jsd"]
     if args.variants:
         variants = [v for v in variants if v in args.variants.split(",")]
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
 
+    shard = padded_vocab(args) // args.tp
+    tp = "1" if args.tp == 1 else f"{args.tp} (rank 0's shard of {shard:,} ids; collectives excluded)"
     print(f"# KD loss fwd+bwd, device={args.device}, dtype={args.dtype}, V={args.vocab}, h={args.hidden}, "
-          f"alpha={args.alpha}, T={args.temperature}, TP=1, best of {args.repeats}, "
+          f"alpha={args.alpha}, T={args.temperature}, TP={tp}, best of {args.repeats}, "
           f"threads={args.threads or 'torch default'}")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("kd_loss.py: --device cuda, but torch sees no CUDA device")
+    avail = available_bytes(args.device)
     for n in [int(t) for t in args.tokens.split(",")]:
-        print(f"\n## n = {n:,} tokens  (one [n, V_pad] fp32 tensor = "
-              f"{_fmt_bytes(n * (args.vocab_pad or -(-args.vocab // 128) * 128) * 4)})")
+        print(f"\n## n = {n:,} tokens  (one [n, V_pad/TP] fp32 tensor = {_fmt_bytes(n * shard * 4)})")
         header = f"{'variant':<24}{'time':>10}{'x naive':>9}{'peak alloc':>13}{'naive/this':>12}{'peak RSS':>12}"
         print(header)
         print("-" * len(header))
         naive = None
         for name in variants:
+            peer = PEERS.get(name.split("/")[0])
+            if peer and importlib.util.find_spec(peer) is None:  # no subprocess for a missing peer
+                print(f"{name:<24}  not installed ({peer})")
+                continue
+            need = estimated_peak_bytes(name, args, n)
+            if need > 0.9 * avail:
+                print(f"{name:<24}  skipped: needs ~{_fmt_bytes(need)} (estimate), {_fmt_bytes(avail)} available")
+                continue
             cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--child", f"{name}:{n}"]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
