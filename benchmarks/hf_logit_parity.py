@@ -1,6 +1,6 @@
 """Max |logit difference| against transformers, per supported family and for SmolLM2, in one run:
 
-    python benchmarks/hf_logit_parity.py [--tp 1] [--seq 40] [--skip-smollm2]
+    python benchmarks/hf_logit_parity.py [--tp 1] [--seq 40] [--skip-smollm2] [--families llama,qwen2]
 
 Tiny random checkpoints of every family (tests/interop/hf_fixtures.py, written by transformers'
 save_pretrained) and SmolLM2-135M (GGUF -> HF) are converted, loaded as KD teachers at the given
@@ -33,13 +33,22 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--seq", type=int, default=40)
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--families", default=",".join(FAMILIES),
+                    help=f"comma-separated tiny families to compare (default: all of {','.join(FAMILIES)})")
     args = ap.parse_args()
+    families = [f for f in args.families.split(",") if f]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        ap.error(f"--families: unknown {','.join(unknown) or 'none given'}; "
+                 f"expected some of {','.join(FAMILIES)}")
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
                PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _run([sys.executable, str(TESTS / "convert_worker.py"), str(tmp), *[f"{f}:{args.tp}" for f in FAMILIES]], env)
-        cases = [{"name": f, "run": str(tmp / f"{f}_mcore"), "hf": str(tmp / f), "seq": args.seq} for f in FAMILIES]
+        _run([sys.executable, str(TESTS / "convert_worker.py"), str(tmp),
+              *[f"{f}:{args.tp}" for f in families]], env)
+        cases = [{"name": f, "run": str(tmp / f"{f}_mcore"), "hf": str(tmp / f), "seq": args.seq}
+                 for f in families]
         if not args.skip_smollm2:
             sys.path.insert(0, str(REPO))
             from tokenizers import Tokenizer
