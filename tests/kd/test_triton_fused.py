@@ -4,7 +4,7 @@ The kernels run in Triton's interpreter -- TRITON_INTERPRET=1 from the start of 
 own (megatron-core imports triton, and triton's library functions are interpreted or not from
 then on) -- in one torchrun launch of 2 gloo ranks (triton_worker.py): every case at TP=1 (split
 over the ranks) and four at TP=2, each rank also running the TP=2 cases unsharded (TP=2 = TP=1),
-megatron's TP getters raising. 16-wide tiles on n=37 tokens, hidden 24 / 20, a 40-id padded vocab
+megatron's TP getters raising. 16-wide tiles on n=29 tokens, hidden 24 / 20, a 40-id padded vocab
 (true 35, or 17 so a TP=2 shard is all padding): no tile divides any of them. Reference: float64
 autograd through the full logits -- loss, hidden-state gradient, weight gradient, upstream
 gradient 0.37, masked tokens holding inf/nan hidden states and label -100. Cases: alpha 0 / 0.5 /
