@@ -4,7 +4,8 @@ slurmd per node, node names in /etc/hosts, each node its own loopback address).
 One task per node and TP=2, so every tensor-parallel all-reduce crosses between the nodes, and
 the 2-node jobs are compared with the one-node job of the same world size and layout
 (conftest.py ``uninterrupted``): loss, KD loss, LM loss and grad norm equal **bit for bit**
-(gloo on the CPU: where a rank runs does not change what it computes).
+(gloo on the CPU: where a rank runs does not change what it computes). The same for DP=2 (TP=1):
+the gradient reduction crosses the nodes.
 
 The lost node: rank 0 (node 1) is frozen after the job's first complete checkpoint, node 2 loses
 its slurmd, its slurmstepd and its rank (SIGKILL, at once), and rank 0 continues: it must fail at
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LAYOUT, STEPS, curve, tail
-from jobs import TWO_NODES, assert_completed, finished, job_env, rank_pids, submit, wait_until
+from jobs import CI_NODE, TWO_NODES, assert_completed, finished, job_env, rank_pids, submit, wait_until
 from megatron_kd.config import ParallelConfig
 
 KEYS = ("loss", "kd loss", "lm loss", "grad_norm")
@@ -56,6 +57,21 @@ def test_two_nodes_equal_one_node_bit_for_bit(slurm, kd_recipe, uninterrupted, l
     for line in on_nodes:
         assert line in text, (line, tail(text))
     assert_bitwise(tmp_path / "run", uninterrupted["run_dir"])
+
+
+def test_data_parallel_across_two_nodes_equals_one_node_bit_for_bit(slurm, kd_recipe, tmp_path):
+    """TP=1, DP=2: the gradient all-reduce (and the distributed optimizer's gathers, when on)
+    cross the nodes; the same layout on one node is the reference."""
+    jobs = {nodes: submit(slurm, tmp_path, f"kd-dp-{nodes}n", ["--config", str(kd_recipe)],
+                          job_env(tmp_path / f"run{nodes}"), node=CI_NODE if nodes == 1 else TWO_NODES)
+            for nodes in (1, 2)}
+    for nodes, (job, log) in jobs.items():
+        info = finished(slurm, job, log)
+        assert_completed(info)
+        assert f"{nodes} node(s), world size 2, launcher srun" in info["log"], tail(info["log"])
+    assert f"1: [mkd] rank 1 of 2 on node {slurm.nodes[1]}" in jobs[2][1].read_text()
+    assert [it for it, _ in curve(tmp_path / "run2")] == list(range(1, STEPS + 1))
+    assert_bitwise(tmp_path / "run2", tmp_path / "run1")
 
 
 # ------------------------------------------------------------------ a node lost mid-run
