@@ -290,6 +290,8 @@ class DeepSpeedKDTrainer:
             out["step time s"] = time.perf_counter() - t0
             if self.iteration % t.log_interval == 0:
                 self.metrics.log(self.iteration, out)
+            if t.exit_interval and self.iteration % t.exit_interval == 0 and self.iteration < t.train_iters:
+                break  # Megatron's --exit-interval: the final save below, then exit
             if every and self.iteration % every == 0 and self.iteration < t.train_iters:
                 self.save()
         self.save()
