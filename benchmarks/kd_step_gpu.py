@@ -1,6 +1,7 @@
 """One KD training step on one GPU at the paper's phase-2 shape, side by side with a CE-only step.
 
-NOT RUN in the session that wrote it (no GPU there); run it with ``bash tools/gpu_checks.sh``.
+Never run on a GPU yet (no device lent so far); run it with ``bash tools/device_check.sh`` (a
+lent machine, no network) or ``bash tools/gpu_checks.sh`` (a machine that can install TE).
 
 Student: the paper's (examples/paper: 30 layers, hidden 1280, 20 heads, 4 KV groups, FFN 6144,
 vocab 202,048, tied embeddings, ~1.08B). Teacher: a dense stand-in with the same vocabulary that
@@ -18,6 +19,8 @@ memory, and the ratio to the CE-only bf16 step measured in the same run.
     python benchmarks/kd_step_gpu.py                       # all modes, prints the table
     python benchmarks/kd_step_gpu.py --modes kd_bf16,ce_bf16 --steps 5 --json-out out.json
     python benchmarks/kd_step_gpu.py --smoke               # tiny shapes, any device: is it wired?
+    python benchmarks/kd_step_gpu.py --allow-local-spec --seq 8192 --modes kd_bf16,ce_bf16
+                                                           # a GPU without TE (tools/device_check.sh)
 
 ``--smoke`` runs the same code at toy size (2-layer student and teacher, vocab 2,048, 512-token
 windows), on the CPU's local spec too; CI runs it (tests/e2e/test_kd_step_gpu_smoke.py) so the
@@ -112,9 +115,10 @@ def run_mode(args, mode: str) -> dict:
     from megatron_kd.training.objective import CrossEntropyObjective
     from megatron_kd.training.optimizer import build_optimizer, wrap_ddp
 
-    if platform.layer_spec_kind() != "te" and not args.smoke:
+    if platform.layer_spec_kind() != "te" and not (args.smoke or args.allow_local_spec):
         raise SystemExit("kd_step_gpu.py needs CUDA + transformer-engine (the TE spec); "
-                         "--smoke runs toy shapes anywhere")
+                         "--allow-local-spec runs megatron-core's local spec (keep --seq small), "
+                         "--smoke toy shapes anywhere")
     vocab = args.vocab
     cfg = load_config(str(RECIPE), overrides(args, mode))
     validate_layout(cfg, 1)
@@ -189,6 +193,9 @@ def main():
     ap.add_argument("--teacher-ffn", type=int, default=14336)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--allow-local-spec", action="store_true",
+                    help="without transformer-engine, run megatron-core's local spec (its attention "
+                         "materialises the [s, s] document mask: use --seq 8192 or so)")
     ap.add_argument("--one-mode", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
     if args.smoke:  # toy shapes unless given explicitly

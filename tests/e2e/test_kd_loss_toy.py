@@ -19,19 +19,18 @@ def run(*args, timeout=240):
                           text=True, timeout=timeout)
 
 
-def test_every_variant_reports_at_toy_size():
-    p = run("--tokens", "96", "--vocab", "1000", "--hidden", "32", "--chunks", "auto,40", "--repeats", "1",
-            "--tp", "2", "--alpha", "0.5", "--temperature", "2")
+def test_variants_report_at_toy_size_under_tp_alpha_and_t():
+    """The rows tools/device_check.sh's dry run does not print (tests/e2e/test_device_check_dry_run.py
+    covers gemm, fused/auto, triton and the peers): exact, an explicit chunk, --tp, CE mixed in."""
+    p = run("--tokens", "96", "--vocab", "1000", "--hidden", "32", "--chunks", "40", "--repeats", "1",
+            "--tp", "2", "--alpha", "0.5", "--temperature", "2", "--variants", "naive,exact,fused/40,modelopt")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "TP=2 (rank 0's shard of 512 ids" in p.stdout, p.stdout
-    for name in ("naive", "exact", "fused/auto", "fused/40"):  # time, ratio, memory, memory ratio
+    for name in ("naive", "exact", "fused/40"):  # time, ratio, memory, memory ratio
         assert re.search(rf"^{re.escape(name)}\s+\d+ms\s+\d+\.\d\d\s+[\d,.]+ [MG]iB\s+[\d.]+x", p.stdout, re.M), \
             (name, p.stdout)
-    assert re.search(r"^gemm\s+\d+ms\s+\d+\.\d\d", p.stdout, re.M), p.stdout
-    for name in ("triton", "modelopt", "liger/fused_linear_jsd", "liger/chunked_jsd"):
-        row = re.search(rf"^{re.escape(name)}\s+(.*)$", p.stdout, re.M)
-        assert row and (re.match(r"\d+ms", row.group(1)) or "not installed" in row.group(1)
-                        or "not run" in row.group(1) or "installed, not wired" in row.group(1)), (name, p.stdout)
+    row = re.search(r"^modelopt\s+(.*)$", p.stdout, re.M)
+    assert row and ("not installed" in row.group(1) or "installed, not wired" in row.group(1)), p.stdout
 
 
 def test_bad_shapes_are_refused_before_any_variant():
