@@ -40,7 +40,7 @@ N = r"[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"  # a printed number (never nan / in
 COVERED_ELSEWHERE = {
     "kd_loss.py": "tests/e2e/test_kd_loss_toy.py",
     "kd_step.py": "tests/e2e/test_kd_step_toy.py",
-    "kd_step_gpu.py": "tests/e2e/test_kd_step_gpu_smoke.py",
+    "kd_step_gpu.py": "tests/e2e/test_device_check_dry_run.py",
     "fault_stress.py": "tests/reliability/test_fault_stress.py",
 }
 
