@@ -160,10 +160,27 @@ def setup() -> None:
     """
     global _CPU_MAPPING_ACTIVE
     _patch_moe_router_without_te()
+    _patch_checkpoint_results_queue()
     if cuda_available() or _CPU_MAPPING_ACTIVE:
         return
     _install_cpu_mapping()
     _CPU_MAPPING_ACTIVE = True
+
+
+def _patch_checkpoint_results_queue() -> None:
+    """megatron-core 0.16.1's ``filesystem_async`` returns every save's write results through a
+    ``multiprocessing`` *spawn* Manager queue, created at a process's first save even when the save
+    is synchronous (ours always are: training/checkpointing.py), where the queue is written and
+    read by this process only. The Manager is a fresh interpreter re-importing the main module
+    (~5 s per training process on a 2-core box) plus a resource tracker, two helpers that outlived a
+    lost rank (docs/reliability.md). A thread queue does the same job in-process. An asynchronous
+    save would need the cross-process queue: ``async_save`` is not used anywhere here."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _patch_moe_router_without_te() -> None:

@@ -115,8 +115,8 @@ def _lose_node_and_resume(slurm, uninterrupted, tmp_path, capsys, job, log, run_
     latest = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
     killed = slurm.node_processes(n2, job)
     assert len(killed) >= 3, killed  # slurmd, slurmstepd, the rank
-    # what the rank started and the kill leaves behind: its watchdog, and after the first save
-    # the checkpoint writer's spawn child and resource tracker; all must go by themselves
+    # what the rank started and the kill leaves behind: its watchdog (megatron-core's spawn
+    # Manager for checkpoint results is no longer started: platform.py); all must go by themselves
     helpers = {p: cmdline(p) for p in slurm.job_pids(job, n2) if p not in killed}
     assert any("watchdog.py" in c for c in helpers.values()), helpers
     os.kill(pid0, signal.SIGSTOP)  # rank 0 cannot finish the run before node 2 is gone
