@@ -11,7 +11,7 @@ Measures, in one run on this machine (single rank; CPU here, the GPU when platfo
   CE step     student fwd+bwd with megatron's vocab-parallel CE            (the alpha=0 baseline)
   teacher fwd the frozen teacher's forward alone (no grad)
   KD step     DistillationModel: teacher fwd + student fwd+bwd + KD loss + CE (alpha=0.5)
-and prints median times with the ratios KD/CE, teacher/CE and KD / (CE + teacher): what the loss
+and prints median times (the steps interleaved round robin) with the ratios KD/CE, teacher/CE and KD / (CE + teacher): what the loss
 and its glue add beyond running the teacher (issue 18's target: <= 1.10).
 """
 import argparse
@@ -89,20 +89,25 @@ def main():
         out = kd(tokens, pos, mask, labels=labels)  # [b, s, 2]: KD, CE per token
         (alpha * out[..., 0] + (1 - alpha) * out[..., 1]).mean().backward()
 
-    def timed(fn):
-        times = []
-        for i in range(args.repeats + 1):
-            platform.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            platform.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
-            student.zero_grad(set_to_none=True)
-        return statistics.median(times)
+    def once(fn):
+        platform.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        platform.synchronize()
+        student.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
 
-    t_ce, t_teacher, t_kd = timed(ce_step), timed(teacher_fwd), timed(kd_step)
-    t_ce2 = timed(ce_step)
+    # Round robin (CE, teacher, KD, CE again) after one warm-up round: a drift of the machine's
+    # speed during the run (other load, frequency) then hits every measurement alike, instead of
+    # whichever ran in that stretch (back-to-back blocks differed by 25% on the quiet 2-core box).
+    fns = (ce_step, teacher_fwd, kd_step, ce_step)
+    for fn in fns:
+        once(fn)
+    times = [[] for _ in fns]
+    for _ in range(args.repeats):
+        for i, fn in enumerate(fns):
+            times[i].append(once(fn))
+    t_ce, t_teacher, t_kd, t_ce2 = (statistics.median(t) for t in times)
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
     print(f"device={dev} tokens/step={b * s} vocab={args.vocab} student={n_s / 1e6:.2f}M "
