@@ -122,6 +122,12 @@ def _zero_masked_rows(grad: torch.Tensor, mask: torch.Tensor) -> None:
         grad[~mask] = 0.0
 
 
+def _masked_rows_zero(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The chunk's hidden rows for the weight-gradient GEMM, masked tokens' rows 0: their logit
+    gradient is 0, but 0 * inf is nan, and a masked position may hold anything."""
+    return hidden if bool(mask.all()) else torch.where(mask.unsqueeze(-1), hidden, 0.0)
+
+
 def _chunk_kd(z_s, z_t, n_valid, o: _Options, need_s: bool, need_t: bool):
     """One chunk's KD part -> (partial divergences [c] to all-reduce, [extra sums], finish).
 
@@ -241,7 +247,8 @@ def _run_chunks(student_hidden, student_weight, teacher_hidden, teacher_weight, 
                 g_t = kd_steps.pad_to_shard(g_t, v_local, torch.float32)
                 _zero_masked_rows(g_t, chunk_mask)
                 if teacher_from_hidden:
-                    steps.accumulate_grads(g_t, teacher_hidden[start:end], teacher_weight,
+                    steps.accumulate_grads(g_t, _masked_rows_zero(teacher_hidden[start:end], chunk_mask),
+                                           teacher_weight,
                                            grad_th[start:end] if need_th else None, grad_tw)
                 else:
                     grad_tl[start:end] = g_t
@@ -264,7 +271,7 @@ def _run_chunks(student_hidden, student_weight, teacher_hidden, teacher_weight, 
         # where, not multiply: a masked token's loss (inf/nan from garbage) must not leak
         loss_sum += torch.where(chunk_mask, per_token, 0.0).sum()
         if need_student_grad:
-            steps.accumulate_grads(grad_z_s, h_s, student_weight,
+            steps.accumulate_grads(grad_z_s, _masked_rows_zero(h_s, chunk_mask), student_weight,
                                    grad_sh[start:end] if need_sh else None, grad_sw)
         del grad_z_s
 

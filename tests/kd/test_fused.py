@@ -257,3 +257,22 @@ def test_argument_errors():
         fused_linear_kd_loss(hs, ws, ht, wt, alpha=0.5, top_k=fused_worker.V + 1, **kw)
     with pytest.raises(ValueError, match="vocab_size"):
         fused_linear_kd_loss(hs, ws, ht, wt, alpha=0.5, **dict(kw, vocab_size=fused_worker.V_PAD + 1))
+
+
+def test_masked_token_holding_inf_leaves_gradients_finite():
+    """A masked position may hold anything: its logit gradient is 0, and 0 * inf in the weight-
+    gradient GEMM would be nan (found by the Triton path's tests, which load masked rows as 0)."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 12, 8, 40
+    hs = torch.randn(n, h, generator=g)
+    hs[3] = float("inf")
+    hs.requires_grad_()
+    ws = torch.randn(v, h, generator=g, requires_grad=True)
+    ht, wt = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g, requires_grad=True)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[3] = False
+    loss, _ = fused_linear_kd_loss(hs, ws, ht, wt, labels=torch.randint(0, v, (n,), generator=g),
+                                   loss_mask=mask, alpha=0.5, tp_group=None, vocab_size=v, chunk_size=5)
+    loss.backward()
+    assert loss.isfinite() and ws.grad.isfinite().all() and wt.grad.isfinite().all()
+    assert hs.grad[mask].isfinite().all() and (hs.grad[3] == 0).all()
