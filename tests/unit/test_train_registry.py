@@ -50,8 +50,7 @@ def test_teacher_cache_selects_kd_cache(tmp_path, all_specs):
 
 
 def test_shipped_specs(all_specs):
-    from megatron_kd.kd.train_spec import KD_SPEC, build_distillation_chunks
-    from megatron_kd.kd.teacher import check_teacher_config
+    from megatron_kd.kd.train_spec import KD_SPEC, build_distillation_chunks, check_kd_config
     from megatron_kd.longred.train_spec import LONGRED_SPEC
     from megatron_kd.longred.trainer import LongReDTrainer
 
@@ -60,7 +59,7 @@ def test_shipped_specs(all_specs):
     assert registry.registered_train_specs() == ["ce", "kd", "kd_cache", "longred"]
     assert CACHE_SPEC.build_model_chunks is None and CACHE_SPEC.trainer_cls is CachedKDTrainer  # no teacher
     assert KD_SPEC.build_model_chunks is build_distillation_chunks
-    assert KD_SPEC.check_config is check_teacher_config and KD_SPEC.trainer_cls is None
+    assert KD_SPEC.check_config is check_kd_config and KD_SPEC.trainer_cls is None
     assert LONGRED_SPEC.trainer_cls is LongReDTrainer
     assert registry.CE_SPEC.build_model_chunks is None and registry.CE_SPEC.trainer_cls is None
 
