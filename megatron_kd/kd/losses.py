@@ -271,8 +271,9 @@ class VocabParallelKD:
 
 # Row chunks of the exact loss's elementwise work: 2**22 fp32 (16 MiB) temporaries stay below
 # glibc's largest mmap threshold (32 MiB), so the CPU allocator reuses them instead of mapping and
-# page-faulting fresh memory for every whole-tensor temporary (a fresh [2048, 8192] fp32 tensor
-# costs ~5x an in-place pass over it; benchmarks/kd_loss.py). Harmless on a GPU.
+# page-faulting fresh memory for every whole-tensor temporary (the exact loss went from 2.3x to
+# 0.35x the naive loss's time in benchmarks/kd_loss.py with this and the fused log-softmax).
+# Harmless on a GPU.
 ROW_CHUNK_ELEMENTS = 1 << 22
 
 
