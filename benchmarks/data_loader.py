@@ -25,7 +25,6 @@ loader's seconds per step against the planner's (``megatron-kd plan``) H100 step
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
