@@ -10,6 +10,7 @@ module (``device()``, ``backend()``, ``layer_spec_kind()``) instead of touching 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import functools
 import importlib.util
@@ -161,10 +162,35 @@ def setup() -> None:
     global _CPU_MAPPING_ACTIVE
     _patch_moe_router_without_te()
     _patch_checkpoint_results_queue()
+    if not cuda_available():
+        keep_freed_memory()
     if cuda_available() or _CPU_MAPPING_ACTIVE:
         return
     _install_cpu_mapping()
     _CPU_MAPPING_ACTIVE = True
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """CPU runs: glibc keeps freed memory in the process instead of returning it to the OS.
+
+    By default glibc serves every block above its mmap threshold (32 MiB at most) with a fresh
+    mapping and trims the heap top once enough is free, so each whole-tensor temporary of a step
+    (logits, their softmaxes, gradients) is mapped and page-faulted anew every step: on the
+    2-core box that was what kept a KD step at 1.13-1.14x (CE step + teacher forward) while its
+    loss's own work was far below that (benchmarks/kd_step.py; 1.03-1.05x with this). What a
+    caching allocator does on a GPU. The price: the process's RSS stays at its peak. Not glibc
+    (macOS, musl): nothing to do. ``MEGATRON_KD_CPU_KEEP_MEMORY=0`` turns it off. Returns whether
+    it is on."""
+    if os.environ.get("MEGATRON_KD_CPU_KEEP_MEMORY", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def _patch_checkpoint_results_queue() -> None:

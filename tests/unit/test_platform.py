@@ -288,3 +288,27 @@ def test_no_cuda_outside_platform():
                  for p in files for line, what in _cuda_uses(p.read_text())]
     assert not offenders, "CPU/GPU branching belongs in megatron_kd/platform.py:\n" + "\n".join(offenders)
 
+
+
+_KEEP_MEMORY_PROBE = """
+import gc, psutil, torch
+from megatron_kd import platform
+platform.setup()
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+rss_full = psutil.Process().memory_info().rss
+del x
+gc.collect()
+print(psutil.Process().memory_info().rss > rss_full - 16 * 2**20)
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_cpu_setup_keeps_freed_memory_in_the_process(keep):
+    """glibc would unmap a freed 64 MiB block at once (and page-fault the next one in anew); after
+    platform.setup() on the CPU it stays in the process, unless MEGATRON_KD_CPU_KEEP_MEMORY=0."""
+    env = {**os.environ, "MEGATRON_KD_FORCE_CPU": "1", "MEGATRON_KD_CPU_KEEP_MEMORY": keep,
+           "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-c", _KEEP_MEMORY_PROBE], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == ("True" if keep == "1" else "False"), p.stdout
