@@ -223,7 +223,8 @@ def _patch_moe_router_without_te() -> None:
 # ----------------------------------------------------------------------------- CPU mapping
 
 
-def _is_cuda_device(dev) -> bool:
+def is_cuda_device(dev) -> bool:
+    """Whether a device (torch.device, 'cuda:N' string or an int ordinal) names a CUDA device."""
     if isinstance(dev, torch.device):
         return dev.type == "cuda"
     if isinstance(dev, str):
@@ -234,7 +235,7 @@ def _is_cuda_device(dev) -> bool:
 
 
 def _map_device(dev):
-    return torch.device("cpu") if _is_cuda_device(dev) else dev
+    return torch.device("cpu") if is_cuda_device(dev) else dev
 
 
 def _wrap_factory(fn):
@@ -314,7 +315,7 @@ def _install_cpu_mapping() -> None:
 
     @functools.wraps(_orig_to)
     def _tensor_to(self, *args, **kwargs):
-        if args and _is_cuda_device(args[0]) and not isinstance(args[0], int):
+        if args and is_cuda_device(args[0]) and not isinstance(args[0], int):
             args = (torch.device("cpu"),) + args[1:]
         if "device" in kwargs:
             kwargs["device"] = _map_device(kwargs["device"])

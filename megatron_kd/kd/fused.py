@@ -137,19 +137,8 @@ def _chunk_kd(z_s, z_t, n_valid, o: _Options, need_s: bool, need_t: bool):
     """
     kd_steps = VocabParallelKD
     group = o.tp_group
-    student = kd_steps.scaled_valid(z_s, n_valid, o.temperature)  # [c, nv] fp32 (maybe a view)
-    if o.top_k is None:
-        teacher = kd_steps.scaled_valid(z_t, n_valid, o.temperature)
-        log_p, log_q = kd_steps.log_softmax_shards([student, teacher], group)
-        support = None
-    else:  # on the whole padded shard, so every rank has the same widths (see losses.py)
-        (log_p,) = kd_steps.log_softmax_shards([student], group)
-        valid = kd_steps.valid_vocab_mask(z_t.size(-1), _group_rank(group), o.vocab_size, z_t.device)
-        teacher = kd_steps.scaled_logits(z_t, valid, o.temperature)
-        support = kd_steps.teacher_top_k_support(teacher, valid, o.top_k, group)
-        log_q = kd_steps.masked_log_softmax(teacher, support, group)[..., :n_valid]
-        support = support[..., :n_valid]
-    del student, teacher
+    log_p, log_q, support = kd_steps.student_teacher_log_probs(
+        z_s, z_t, n_valid, o.vocab_size, o.temperature, o.top_k, group)  # [c, nv] each
 
     if kd_steps._resolve(o.divergence, o.beta) == "forward_kl" and not need_t:
         q = log_q.exp() if support is None else torch.where(support, log_q.exp(), 0.0)

@@ -147,6 +147,29 @@ class VocabParallelKD:
         return out
 
     @staticmethod
+    def student_teacher_log_probs(student_logits, teacher_logits, n_valid: int, vocab_size: int,
+                                  temperature: float, top_k: Optional[int], group):
+        """[*, v/tp] logit shards -> (log p_S, log q, support or None), each [*, nv] (unpadded).
+
+        Without top-k one all-gather serves both log-softmaxes. With top-k (the rare path) the
+        teacher is handled on the whole padded shard, so every rank has the same widths in the
+        top-k all-gather, and ``q`` is renormalised over the support.
+        """
+        steps = VocabParallelKD
+        student = steps.scaled_valid(student_logits, n_valid, temperature)  # [*, nv] fp32
+        if top_k is None:
+            teacher = steps.scaled_valid(teacher_logits, n_valid, temperature)
+            log_p, log_q = steps.log_softmax_shards([student, teacher], group)
+            return log_p, log_q, None
+        (log_p,) = steps.log_softmax_shards([student], group)
+        valid = steps.valid_vocab_mask(teacher_logits.size(-1), _group_rank(group), vocab_size,
+                                       teacher_logits.device)
+        teacher = steps.scaled_logits(teacher_logits, valid, temperature)  # [*, v/tp], pad -inf
+        support = steps.teacher_top_k_support(teacher, valid, top_k, group)
+        log_q = steps.masked_log_softmax(teacher, support, group)[..., :n_valid]
+        return log_p, log_q, support[..., :n_valid]
+
+    @staticmethod
     def masked_log_softmax(scaled: torch.Tensor, support: torch.Tensor, group) -> torch.Tensor:
         """[*, nv] log-probabilities normalised over a support (e.g. the teacher's top-k) that
         may leave a shard's row empty: the max / sum-exp steps with -inf outside it."""
@@ -334,19 +357,8 @@ class _VocabParallelKDLoss(torch.autograd.Function):
             ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
             return divergence_ * scale
 
-        student = steps.scaled_valid(student_logits, n_valid, temperature)  # [*, nv] fp32
-        teacher = steps.scaled_valid(teacher_logits, n_valid, temperature)  # [*, nv] fp32
-        if top_k is None:
-            log_p, log_q = steps.log_softmax_shards([student, teacher], tp_group)  # [*, nv] each
-            support = None
-        else:  # the rare path: on the whole padded shard, so every rank has the same widths
-            (log_p,) = steps.log_softmax_shards([student], tp_group)
-            valid = steps.valid_vocab_mask(shard, _group_rank(tp_group), vocab_size, student.device)
-            teacher = steps.scaled_logits(teacher_logits, valid, temperature)  # [*, v/tp], pad -inf
-            support = steps.teacher_top_k_support(teacher, valid, top_k, tp_group)
-            log_q = steps.masked_log_softmax(teacher, support, tp_group)[..., :n_valid]
-            support = support[..., :n_valid]
-        del student, teacher
+        log_p, log_q, support = steps.student_teacher_log_probs(
+            student_logits, teacher_logits, n_valid, vocab_size, temperature, top_k, tp_group)
 
         if fast:
             # Forward KL: D = sum_K q (log q - log p) and dD/d(z_S/T) = p - q exactly (sum_K q = 1);

@@ -104,7 +104,7 @@ def _check_supported(o: _Options, student_hidden, student_weight, teacher_hidden
             and teacher_hidden.dtype != teacher_weight.dtype:
         raise ValueError(f"kd.fused_impl=triton: teacher_hidden ({teacher_hidden.dtype}) and teacher_weight "
                          f"({teacher_weight.dtype}) must share a dtype")
-    if not platform._is_cuda_device(student_hidden.device) and not interpreting():
+    if not platform.is_cuda_device(student_hidden.device) and not interpreting():
         check_available(False)
 
 

@@ -48,6 +48,20 @@ def _logit_tile(x_ptr, w_ptr, rows, row_ok, cols, col_ok, K,
 
 
 @triton.jit
+def _teacher_tile(ht_ptr, wt_ptr, zt_ptr, rows, row_ok, cols, col_ok, h_t, v_local,
+                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                  UPCAST: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
+    """The teacher's fp32 [BLOCK_M, BLOCK_V] logit tile: read from given logits, or formed from
+    its hidden states and weight shard like the student's."""
+    if TEACHER_LOGITS:
+        z = tl.load(zt_ptr + rows[:, None] * v_local + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        z = _logit_tile(ht_ptr, wt_ptr, rows, row_ok, cols, col_ok, h_t, BLOCK_M, BLOCK_V, BLOCK_K, UPCAST)
+    return z
+
+
+@triton.jit
 def _online(m, l, x):
     """Online softmax step: running max ``m`` / sum ``l`` [BLOCK_M] with tile ``x`` (excluded
     entries -inf). Returns the new max, the new sum, the factor the old sum was rescaled by, and
@@ -95,12 +109,8 @@ def kd_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr
                           BLOCK_M, BLOCK_V, BLOCK_K, UPCAST_S)  # [BM, BV] fp32
         if USE_KD:
             valid = (cols < n_valid)[None, :]
-            if TEACHER_LOGITS:
-                z_t = tl.load(zt_ptr + rows64[:, None] * v_local + cols[None, :],
-                              mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            else:
-                z_t = _logit_tile(ht_ptr, wt_ptr, rows64, row_ok, cols, col_ok, h_t,
-                                  BLOCK_M, BLOCK_V, BLOCK_K, UPCAST_T)
+            z_t = _teacher_tile(ht_ptr, wt_ptr, zt_ptr, rows64, row_ok, cols, col_ok, h_t, v_local,
+                                BLOCK_M, BLOCK_V, BLOCK_K, UPCAST_T, TEACHER_LOGITS)
             s = tl.where(valid, z_s / temperature, 0.0)  # finite everywhere: no inf - inf below
             t = tl.where(valid, z_t / temperature, 0.0)
             seen = l_t > 0  # same support for student and teacher: both maxima finite or both -inf
@@ -189,12 +199,8 @@ def kd_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, zt_ptr, labels_ptr, mask_ptr,
         g = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         if USE_KD:
             valid = (cols < n_valid)[None, :]
-            if TEACHER_LOGITS:
-                z_t = tl.load(zt_ptr + rows64[:, None] * v_local + cols[None, :],
-                              mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            else:
-                z_t = _logit_tile(ht_ptr, wt_ptr, rows64, row_ok, cols, col_ok, h_t,
-                                  BLOCK_M, BLOCK_V, BLOCK_K, UPCAST_T)
+            z_t = _teacher_tile(ht_ptr, wt_ptr, zt_ptr, rows64, row_ok, cols, col_ok, h_t, v_local,
+                                BLOCK_M, BLOCK_V, BLOCK_K, UPCAST_T, TEACHER_LOGITS)
             # padding at 0 before the differences (its logits may be large: no inf - inf), then out
             log_p = (tl.where(valid, z_s / temperature, 0.0) - M_s[:, None]) - log_l_s[:, None]
             log_q = (tl.where(valid, z_t / temperature, 0.0) - M_t[:, None]) - log_l_t[:, None]
